@@ -1,0 +1,45 @@
+"""Start-up validation shared by every sequence-parallel attention: checks run on every rank and
+agree through one small all-gather before any data collective, so bad input is a `ValueError` on
+all ranks (never a hang, never a silently wrong result)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from lsts.kernels.attention import check_qkv, default_scale, resolve_backend
+from lsts.parallel.comm import agree_across_ranks, decode_dtype, encode_dtype
+from lsts.parallel.sharding import LAYOUTS, check_seq_len
+
+
+def group_world(group) -> int:
+    if not dist.is_initialized():
+        raise ValueError("sequence-parallel attention needs torch.distributed to be initialized")
+    return dist.get_world_size(group)
+
+
+def attention_setup(q, k, v, group, layout, causal, softmax_scale, backend, extra_check=None):
+    """Validate one sequence-parallel attention call on every rank of ``group``; returns the
+    resolved ``(softmax_scale, backend)``. ``extra_check(world)`` adds method-specific rules."""
+    world = group_world(group)
+    error = None
+    try:
+        check_qkv(q, k, v)
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"q and k/v shards must have the same length; got {q.shape[1]} and {k.shape[1]}")
+        check_seq_len(q.shape[1] * world, layout, world)
+        backend = resolve_backend(backend, q.device)
+        if extra_check is not None:
+            extra_check(world)
+    except ValueError as e:
+        error = str(e)
+    qs, ks = list(q.shape) + [-1] * 4, list(k.shape) + [-1] * 4  # padded: malformed shapes still encode
+    fields = {"batch": qs[0], "local sequence length": qs[1], "query heads": qs[2], "head_dim": qs[3]}
+    fields.update({"key/value heads": ks[2], "dtype": encode_dtype(q.dtype), "causal": int(causal)})
+    fields["layout code"] = LAYOUTS.index(layout) if layout in LAYOUTS else -1
+    agree_across_ranks(group, fields, error, decode={"dtype": decode_dtype})
+    return default_scale(q.shape[-1], softmax_scale), backend
+
+
+__all__ = ["attention_setup", "group_world"]

@@ -1,0 +1,114 @@
+"""Communication as small explicit objects: the ring's asynchronous P2P, all-to-all, and the
+start-up agreement check that turns mismatched inputs into errors on every rank instead of hangs."""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def init_process_group(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT, **kwargs) -> None:
+    """`torch.distributed.init_process_group` with a timeout, so that any collective mismatch that
+    slips past validation surfaces as an error rather than a hang; gloo unless CUDA is available."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+
+
+class RingComm:
+    """Send to the next rank and receive from the previous one, asynchronously.
+
+    ``send_recv`` posts the pair and returns the receive buffer; ``wait`` completes it. Posting the
+    next step's transfer before computing the current block overlaps communication with compute.
+    ``messages_sent`` counts sends (the tests check P - 1 per forward)."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.next = (self.rank + 1) % self.world
+        self.prev = (self.rank - 1) % self.world
+        self.messages_sent = 0
+        self._reqs: list = []
+
+    def send_recv(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._reqs:
+            raise RuntimeError("RingComm.send_recv called twice without wait()")
+        tensor = tensor.contiguous()
+        recv = torch.empty_like(tensor)
+        ops = [
+            dist.P2POp(dist.isend, tensor, group=self.group, group_peer=self.next),
+            dist.P2POp(dist.irecv, recv, group=self.group, group_peer=self.prev),
+        ]
+        self._reqs = dist.batch_isend_irecv(ops)
+        self.messages_sent += 1
+        return recv
+
+    def wait(self) -> None:
+        for req in self._reqs:
+            req.wait()
+        self._reqs = []
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """Split ``x`` into P parts along ``scatter_dim``, send part j to rank j, and concatenate what
+    arrives along ``gather_dim`` in rank order. Differentiable (the backward is the reverse exchange)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    # Move the scattered dim to the front so that all_to_all_single splits contiguous slabs.
+    parts = x.movedim(scatter_dim, 0).contiguous()
+    n = parts.shape[0] // world
+    parts = parts.reshape(world, n, *parts.shape[1:])
+    recv = dist_fn.all_to_all_single(torch.empty_like(parts), parts, group=group)
+    # recv[j] is rank j's slab for our slice of scatter_dim; put the pieces along gather_dim.
+    recv = recv.movedim(1, scatter_dim + 1)  # [P, ...x dims with our n at scatter_dim...]
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+# Codes for the agreement check: inputs that must match on every rank of a group.
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def encode_dtype(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def decode_dtype(code: int) -> str:
+    return str(_DTYPES[code]) if code < len(_DTYPES) else "another dtype"
+
+
+def agree_across_ranks(group, fields: dict[str, int], local_error: str | None, decode: dict | None = None) -> None:
+    """Check on every rank, with one small all-gather, that ``fields`` agree across the group and no
+    rank saw a local error; raise the same `ValueError` on every rank otherwise.
+
+    Every rank must call this before the first data collective, even a rank whose inputs failed a
+    local check (pass the message as ``local_error``): raising early on one rank would leave the
+    others waiting in a collective. ``decode`` maps a field name to a function that renders its
+    integer code in the message."""
+    world = dist.get_world_size(group)
+    names = list(fields)
+    row = torch.tensor([int(local_error is not None)] + [fields[n] for n in names], dtype=torch.int64)
+    if world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        table = torch.empty(world * row.numel(), dtype=torch.int64, device=device)
+        dist.all_gather_single(table, row.to(device), group=group)
+        table = table.cpu().view(world, row.numel())
+    else:
+        table = row.unsqueeze(0)
+    if local_error is not None:
+        raise ValueError(local_error)
+    bad = [r for r in range(world) if table[r, 0]]
+    if bad:
+        raise ValueError(f"invalid attention inputs on rank(s) {bad} of this group (see their error)")
+    for j, name in enumerate(names, start=1):
+        values = table[:, j].tolist()
+        if len(set(values)) > 1:
+            show = (decode or {}).get(name, str)
+            per_rank = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
+            raise ValueError(f"{name} must be the same on every rank of the group; got {per_rank}")

@@ -1,0 +1,80 @@
+"""Hybrid sequence parallelism (USP): Ulysses all-to-all inside a sub-group × ring across sub-groups.
+
+With ``U`` ranks per Ulysses group and ``R`` Ulysses groups, the sequence is sharded over all
+``P = U·R`` ranks by `shard_sequence` on the whole group, where the rank of (ring r, ulysses u) is
+``r·U + u`` — the row-major order of a DeviceMesh with axes ``(ring, ulysses)``. The all-to-all
+inside a Ulysses group gathers ``H/U`` heads of the tokens of its ``U`` ranks, which under the
+zigzag and contiguous layouts are exactly ring rank r's shard of a zigzag / contiguous layout over R
+ranks: a local permutation puts them in that order, ring attention runs across the groups, and the
+way back mirrors the way in. Ulysses traffic stays inside a node; the ring crosses nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lsts.parallel.checks import attention_setup
+from lsts.parallel.ring import ring_attention
+from lsts.parallel.sharding import check_seq_len, layout_indices
+from lsts.parallel.ulysses import check_heads, heads_to_sequence, layout_order, replicate_kv_heads, sequence_to_heads
+
+HYBRID_LAYOUTS = ("contiguous", "zigzag")
+
+
+def _check_hybrid(layout: str, n_heads: int, ulysses_world: int, seq_len: int, world: int) -> None:
+    check_seq_len(seq_len, layout, world)
+    if layout not in HYBRID_LAYOUTS:
+        raise ValueError(
+            f"hybrid attention supports the layouts {HYBRID_LAYOUTS}, got {layout!r}: a stripe shard of the "
+            f"whole group is not a stripe shard of the ring after the Ulysses gather; use zigzag"
+        )
+    check_heads(n_heads, ulysses_world, what="hybrid (ulysses part of)")
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ring_group: dist.ProcessGroup | None = None,
+    ulysses_group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+    layout: str = "zigzag",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    mesh=None,
+):
+    """Ulysses × ring attention. Pass ``ring_group`` and ``ulysses_group``, or ``mesh``: a 2-D
+    DeviceMesh whose axis 0 is the ring and axis 1 the Ulysses group. ``q [B, S_local, H, D]``,
+    ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` over all ``U·R`` ranks; returns
+    ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Needs ``H % U == 0``."""
+    if mesh is not None:
+        if mesh.ndim != 2:
+            raise ValueError(f"hybrid attention needs a 2-D mesh (ring, ulysses), got {mesh.ndim} axes")
+        ring_group, ulysses_group = mesh.get_group(0), mesh.get_group(1)
+    if ring_group is None or ulysses_group is None:
+        raise ValueError("hybrid attention needs both ring_group and ulysses_group (or a 2-D mesh)")
+    n_uly, n_ring = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
+    scale, backend = attention_setup(
+        q, k, v, ulysses_group, layout, causal, softmax_scale, backend,
+        extra_check=lambda w: _check_hybrid(layout, q.shape[2], w, q.shape[1] * n_uly * n_ring, n_uly * n_ring),
+    )  # fmt: skip
+    world, ring_rank = n_uly * n_ring, dist.get_rank(ring_group)
+    seq_len = q.shape[1] * world
+
+    k, v = replicate_kv_heads(k, v, n_uly)
+    qh, kh, vh = (heads_to_sequence(x, ulysses_group) for x in (q, k, v))
+    # Put the gathered tokens (rank by rank) in the order of ring rank r's shard over R ranks.
+    gathered = layout_order(seq_len, world, layout, range(ring_rank * n_uly, (ring_rank + 1) * n_uly))
+    to_ring = torch.argsort(gathered)
+    assert torch.equal(gathered[to_ring], layout_indices(seq_len, n_ring, ring_rank, layout))
+    to_ring, from_ring = to_ring.to(q.device), torch.argsort(to_ring).to(q.device)
+    qh, kh, vh = (x[:, to_ring] for x in (qh, kh, vh))
+    out, lse = ring_attention(qh, kh, vh, ring_group, causal, layout, scale, return_lse=True, backend=backend)
+    out = sequence_to_heads(out[:, from_ring], ulysses_group)
+    if not return_lse:
+        return out
+    with torch.no_grad():
+        lse = sequence_to_heads(lse[:, :, from_ring].transpose(1, 2).unsqueeze(-1), ulysses_group)
+    return out, lse.squeeze(-1).transpose(1, 2).contiguous()

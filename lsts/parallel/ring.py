@@ -1,0 +1,150 @@
+"""Ring attention with online softmax (``ALGORITHMS.md`` §3), and the one ring loop of lsts.
+
+`ring_pass` circulates a block round the ring (send to r+1, receive from r-1), posting the next
+transfer before visiting the current block so communication hides behind compute. The backward
+twin `ring_pass_with_grad` also circulates a gradient accumulator with each block, so after P steps
+every rank holds the full gradient of its own block. Ring attention and RSA are both written as
+visits on these two loops.
+
+Ring attention: each rank keeps its query shard; K and V travel packed in one message (only the
+``H_kv`` heads: GQA); each step computes only the unmasked tiles of `ring_tiles` and folds them into
+float32 accumulators with the merge rule. The backward of every tile uses the *global* out and lse
+of its queries, which makes it exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from lsts.kernels.attention import attention_bwd, attention_fwd
+from lsts.kernels.attention.merge import merge_into
+from lsts.parallel.checks import attention_setup
+from lsts.parallel.comm import RingComm
+from lsts.parallel.sharding import ring_tiles
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def ring_pass(comm: RingComm, block: torch.Tensor, visit: Callable[[int, torch.Tensor], None]) -> None:
+    """Call ``visit(src, block_of_src)`` for every rank's block, our own first (P - 1 messages)."""
+    for step in range(comm.world):
+        if step + 1 < comm.world:
+            incoming = comm.send_recv(block)
+        visit((comm.rank - step) % comm.world, block)
+        if step + 1 < comm.world:
+            comm.wait()
+            block = incoming
+
+
+def ring_pass_with_grad(
+    comm: RingComm,
+    grad_comm: RingComm,
+    block: torch.Tensor,
+    visit: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Like `ring_pass`, where ``visit`` returns this rank's gradient contribution to the visited
+    block. The contributions travel with the block; returns the complete gradient of our own block."""
+    travelling = None
+    for step in range(comm.world):
+        if step + 1 < comm.world:
+            incoming = comm.send_recv(block)
+        grad = visit((comm.rank - step) % comm.world, block)
+        if travelling is not None:
+            grad_comm.wait()  # the block's gradient from the ranks it visited before us
+            grad = grad + travelling
+        travelling = grad_comm.send_recv(grad) if comm.world > 1 else grad
+        if step + 1 < comm.world:
+            comm.wait()
+            block = incoming
+    if comm.world > 1:
+        grad_comm.wait()  # after P steps our own block's gradient has come home
+    return travelling
+
+
+def ring_forward(q, k, v, comm: RingComm, layout: str, causal: bool, scale: float, backend: str):
+    """Forward: ``(out [B, S, H, D] in q.dtype, lse [B, H, S] float32/64)``."""
+    b, s, h, d = q.shape
+    out = torch.zeros(b, s, h, d, dtype=acc_dtype(q.dtype), device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+
+    def visit(src: int, kv: torch.Tensor) -> None:
+        for t in ring_tiles(layout, comm.rank, src, comm.world, s, causal):
+            o, l = attention_fwd(q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], scale, t.causal, backend)
+            merge_into(out[:, t.q], lse[:, :, t.q], o, l)
+
+    ring_pass(comm, torch.stack([k, v]), visit)
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, layout, causal, scale, backend):
+    """Backward: ``(dq, dk, dv)`` of this rank's shards."""
+    s = q.shape[1]
+    dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
+
+    def visit(src: int, kv: torch.Tensor) -> torch.Tensor:
+        dkv = torch.zeros(kv.shape, dtype=acc_dtype(q.dtype), device=q.device)
+        for t in ring_tiles(layout, comm.rank, src, comm.world, s, causal):
+            dq_t, dk_t, dv_t = attention_bwd(
+                dout[:, t.q],
+                q[:, t.q],
+                kv[0][:, t.k],
+                kv[1][:, t.k],
+                out[:, t.q],
+                lse[:, :, t.q],
+                scale,
+                t.causal,
+                backend,
+            )
+            dq[:, t.q] += dq_t
+            dkv[0][:, t.k] += dk_t
+            dkv[1][:, t.k] += dv_t
+        return dkv
+
+    dkv = ring_pass_with_grad(comm, grad_comm, torch.stack([k, v]), visit)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, layout, causal, scale, backend):
+        out, lse = ring_forward(q, k, v, RingComm(group), layout, causal, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, layout, causal, scale, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, layout, causal, scale, backend = ctx.args
+        comms = RingComm(group), RingComm(group)
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *comms, layout, causal, scale, backend)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+    layout: str = "zigzag",
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Online-softmax ring attention over the sequence-parallel ``group``.
+
+    ``q [B, S_local, H, D]``, ``k, v [B, S_local, H_kv, D]``: this rank's shard under ``layout``
+    (see `shard_sequence`). Returns ``out [B, S_local, H, D]``, and ``lse [B, H, S_local]`` (float32)
+    when ``return_lse``. Inputs are checked on every rank before any data moves.
+    """
+    scale, backend = attention_setup(q, k, v, group, layout, causal, softmax_scale, backend)
+    out, lse = _RingAttention.apply(q, k, v, group, layout, causal, scale, backend)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,151 @@
+"""Sequence layouts: which global tokens each rank holds, and which ring tiles are unmasked.
+
+Three layouts of a length-N sequence over P ranks (``ALGORITHMS.md`` §3):
+
+- ``contiguous``: rank r holds chunk r of P. Simple; under a causal mask rank 0 idles.
+- ``zigzag``: 2P chunks; rank r holds chunks r and 2P-1-r. Every ring step costs every rank the same.
+- ``stripe``: token i lives on rank i mod P.
+
+A layout is an index map (`layout_indices`), so shard, unshard and global positions are one gather
+or scatter each. `ring_tiles` says, for a query shard and a visiting K/V shard, which rectangles of
+the score matrix are unmasked under a causal mask: ring attention computes exactly those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = ("contiguous", "zigzag", "stripe")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def seq_len_divisor(layout: str, world: int) -> int:
+    """The global sequence length must be a multiple of this for ``layout`` on ``world`` ranks."""
+    _check_layout(layout)
+    return 2 * world if layout == "zigzag" else world
+
+
+def check_seq_len(seq_len: int, layout: str, world: int) -> None:
+    """ValueError naming the length, the layout and the nearest valid lengths."""
+    div = seq_len_divisor(layout, world)
+    if seq_len % div != 0:
+        lo, hi = seq_len // div * div, (seq_len // div + 1) * div
+        raise ValueError(
+            f"sequence length {seq_len} cannot be split by layout {layout!r} over {world} ranks: it must be a "
+            f"multiple of {div}; pad or cut it to {lo or hi} or {hi}"
+        )
+
+
+def layout_indices(seq_len: int, world: int, rank: int, layout: str = "zigzag") -> torch.Tensor:
+    """Global positions (int64, ascending within each chunk) of the tokens that ``rank`` holds."""
+    check_seq_len(seq_len, layout, world)
+    if layout == "stripe":
+        return torch.arange(rank, seq_len, world)
+    if layout == "contiguous":
+        n = seq_len // world
+        return torch.arange(rank * n, (rank + 1) * n)
+    c = seq_len // (2 * world)
+    return torch.cat(
+        [torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * world - 1 - rank) * c, (2 * world - rank) * c)]
+    )
+
+
+def _group_rank_world(group) -> tuple[int, int]:
+    if not dist.is_initialized():
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialized")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sequence_positions(seq_len: int, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """Global position ids (for RoPE) of this rank's tokens under ``layout``: ``[seq_len / P]``."""
+    rank, world = _group_rank_world(group)
+    return layout_indices(seq_len, world, rank, layout)
+
+
+def shard_sequence(x: torch.Tensor, group=None, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's shard of the full tensor ``x`` (the same on every rank) along ``dim``."""
+    rank, world = _group_rank_world(group)
+    idx = layout_indices(x.shape[dim], world, rank, layout).to(x.device)
+    return x.index_select(dim, idx)
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_local, group, dim, layout):
+        _, world = _group_rank_world(group)
+        n_local = x_local.shape[dim]
+        ctx.args = (group, dim, layout)
+        parts = [torch.empty_like(x_local) for _ in range(world)]
+        dist.all_gather(parts, x_local.contiguous(), group=group)
+        full_idx = torch.cat([layout_indices(n_local * world, world, r, layout) for r in range(world)])
+        out_shape = list(x_local.shape)
+        out_shape[dim] = n_local * world
+        out = x_local.new_empty(out_shape)
+        out.index_copy_(dim, full_idx.to(x_local.device), torch.cat(parts, dim=dim))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, dim, layout = ctx.args
+        return shard_sequence(grad, group, dim, layout), None, None, None
+
+
+def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+    """Inverse of `shard_sequence`: the full tensor on every rank. Differentiable; the backward
+    returns this rank's shard of the gradient (every rank is assumed to compute the same loss)."""
+    _, world = _group_rank_world(group)
+    _check_layout(layout)
+    if world == 1:
+        return x_local
+    return _GatherSequence.apply(x_local, group, dim, layout)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """An unmasked rectangle of the score matrix between a query shard and a visiting K/V shard:
+    rows ``q`` of the local queries against rows ``k`` of the block, with a top-left aligned causal
+    mask inside the (square) rectangle when ``causal``."""
+
+    q: slice
+    k: slice
+    causal: bool
+
+    def area(self) -> int:
+        """Number of unmasked (query, key) pairs."""
+        nq, nk = self.q.stop - self.q.start, self.k.stop - self.k.start
+        return nq * (nq + 1) // 2 if self.causal else nq * nk
+
+
+def ring_tiles(layout: str, rank: int, src: int, world: int, s_local: int, causal: bool) -> list[Tile]:
+    """Tiles that rank ``rank``'s queries compute against the K/V shard of rank ``src``.
+
+    Under a causal mask, masked work is skipped exactly: contiguous skips blocks from later ranks;
+    zigzag computes half a block (the earlier half of a lower rank's pair, or the later local half
+    against a higher rank's pair); stripe is causal against ranks up to its own and strictly causal
+    (queries 1.., keys ..-1) against later ranks."""
+    everything = slice(0, s_local)
+    if not causal:
+        return [Tile(everything, everything, False)]
+    if src == rank:
+        return [Tile(everything, everything, True)]
+    if layout == "contiguous":
+        return [Tile(everything, everything, False)] if src < rank else []
+    if layout == "zigzag":
+        half = s_local // 2
+        if src < rank:
+            return [Tile(everything, slice(0, half), False)]
+        return [Tile(slice(half, s_local), everything, False)]
+    if layout == "stripe":
+        if src < rank:
+            return [Tile(everything, everything, True)]
+        return [Tile(slice(1, s_local), slice(0, s_local - 1), True)] if s_local > 1 else []
+    raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
