@@ -14,10 +14,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from lsts.kernels.attention import attention
 from lsts.parallel import (
     gather_sequence,
+    hybrid_attention,
     init_process_group,
     ring_attention,
     rsa_attention,
@@ -78,6 +80,9 @@ def main() -> None:
         for layout in ("zigzag", "contiguous", "stripe"):
             run("ring", ring_attention, layout, full, want)
         run("ulysses", ulysses_attention, "zigzag", full, want)
+        if world % 2 == 0:  # ulysses pairs inside, ring across the pairs
+            mesh = init_device_mesh("cpu" if dist.get_backend() == "gloo" else "cuda", (world // 2, 2))
+            run(f"hybrid {world // 2}x2", lambda *a, **kw: hybrid_attention(*a, mesh=mesh, **kw), "zigzag", full, want)
         run("rsa (two rings)", lambda *a, layout, **kw: rsa_attention(*a, **kw), "contiguous", full, want)
     finally:
         dist.destroy_process_group()

@@ -7,7 +7,7 @@ import datetime
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -65,7 +65,9 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
     parts = x.movedim(scatter_dim, 0).contiguous()
     n = parts.shape[0] // world
     parts = parts.reshape(world, n, *parts.shape[1:])
-    recv = dist_fn.all_to_all_single(torch.empty_like(parts), parts, group=group)
+    # The functional collective is PyTorch's differentiable all-to-all (the older
+    # torch.distributed.nn one is deprecated); wait_tensor makes the async result usable.
+    recv = funcol.wait_tensor(funcol.all_to_all_single_autograd(parts, None, None, group or dist.group.WORLD))
     # recv[j] is rank j's slab for our slice of scatter_dim; put the pieces along gather_dim.
     recv = recv.movedim(1, scatter_dim + 1)  # [P, ...x dims with our n at scatter_dim...]
     return torch.cat(recv.unbind(0), dim=gather_dim)
