@@ -49,7 +49,8 @@ def ring_pass_with_grad(
     visit: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Like `ring_pass`, where ``visit`` returns this rank's gradient contribution to the visited
-    block. The contributions travel with the block; returns the complete gradient of our own block."""
+    block as a fresh tensor (it is accumulated into in place and sent on). The contributions travel
+    with the block; returns the complete gradient of our own block."""
     travelling = None
     for step in range(comm.world):
         if step + 1 < comm.world:
@@ -57,7 +58,7 @@ def ring_pass_with_grad(
         grad = visit((comm.rank - step) % comm.world, block)
         if travelling is not None:
             grad_comm.wait()  # the block's gradient from the ranks it visited before us
-            grad = grad + travelling
+            grad += travelling
         travelling = grad_comm.send_recv(grad) if comm.world > 1 else grad
         if step + 1 < comm.world:
             comm.wait()

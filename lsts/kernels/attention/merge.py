@@ -19,5 +19,5 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     ref = new_lse.masked_fill(torch.isinf(new_lse), 0.0)
     w_old = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
     w_new = torch.exp(block_lse.to(lse.dtype) - ref).transpose(1, 2).unsqueeze(-1)
-    out.mul_(w_old).add_(block_out.to(out.dtype) * w_new)
+    out.mul_(w_old).addcmul_(block_out, w_new)  # no block-sized temporary
     lse.copy_(new_lse)
