@@ -1,11 +1,11 @@
 """Local attention that returns ``(out, lse)``: the one primitive every attention path is built on.
 
-Backends (chosen by argument, never by an environment variable):
+Backends (see `lsts.kernels.backend`):
 
 - ``"torch"``: PyTorch's fused flash-attention CPU kernel (``cpu.py``): linear memory, CPU tensors.
 - ``"reference"``: materialized scores in pure PyTorch (``reference.py``): any device, float64, any
   mask; the oracle of the tests.
-- ``"auto"``: ``"torch"`` for CPU tensors, ``"reference"`` elsewhere until the Triton backend lands.
+- ``"auto"``: ``"torch"`` for CPU tensors; ``"reference"`` on CUDA until the Triton backend lands.
 
 Layout: ``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` with ``H % H_kv == 0`` (GQA);
 ``lse [B, H, Sq]`` in float32 (float64 for float64 inputs). ``causal`` is the top-left aligned
@@ -20,21 +20,19 @@ import torch
 
 from lsts.kernels.attention import cpu, reference
 from lsts.kernels.attention.merge import merge_into
+from lsts.kernels.backend import resolve_backend as _resolve
 
-BACKENDS = ("auto", "torch", "reference")
-
-__all__ = ["BACKENDS", "attention", "attention_bwd", "attention_fwd", "merge_into", "resolve_backend"]
+__all__ = ["attention", "attention_bwd", "attention_fwd", "merge_into", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend for ``device``; reject unknown names."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "torch" if device.type == "cpu" else "reference"
-    if backend == "torch" and device.type != "cpu":
+    """The concrete attention backend for ``device`` (`lsts.kernels.backend.resolve_backend`)."""
+    if backend == "auto" and device.type != "cpu":
+        return "reference"
+    resolved = _resolve(backend, device, "attention", supported=("torch", "reference"))
+    if resolved == "torch" and device.type != "cpu":
         raise ValueError(f"attention backend 'torch' runs on CPU tensors, got device {device}; use 'reference'")
-    return backend
+    return resolved
 
 
 def default_scale(head_dim: int, softmax_scale: float | None) -> float:
