@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import attention_bwd, attention_fwd
+from lsts.kernels.attention import CAUSAL, FULL, attention_bwd, attention_fwd
 from lsts.kernels.attention.merge import merge_into
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import RingComm
@@ -76,7 +76,7 @@ def ring_forward(q, k, v, comm: RingComm, layout: str, causal: bool, scale: floa
 
     def visit(src: int, kv: torch.Tensor) -> None:
         for t in ring_tiles(layout, comm.rank, src, comm.world, s, causal):
-            o, l = attention_fwd(q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], scale, t.causal, backend)
+            o, l = attention_fwd(q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], scale, CAUSAL if t.causal else FULL, backend)
             merge_into(out[:, t.q], lse[:, :, t.q], o, l)
 
     ring_pass(comm, torch.stack([k, v]), visit)
@@ -99,7 +99,7 @@ def ring_backward(dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, 
                 out[:, t.q],
                 lse[:, :, t.q],
                 scale,
-                t.causal,
+                CAUSAL if t.causal else FULL,
                 backend,
             )
             dq[:, t.q] += dq_t

@@ -8,8 +8,9 @@ Backends (see `lsts.kernels.backend`):
 - ``"auto"``: ``"torch"`` for CPU tensors; ``"reference"`` on CUDA until the Triton backend lands.
 
 Layout: ``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` with ``H % H_kv == 0`` (GQA);
-``lse [B, H, Sq]`` in float32 (float64 for float64 inputs). ``causal`` is the top-left aligned
-lower triangle, as ``is_causal`` in PyTorch SDPA.
+``lse [B, H, Sq]`` in float32 (float64 for float64 inputs). Masks are spans (`spans.Span`: full,
+causal, window, block, LongLoRA S², SinkLoRA SF) evaluated at global positions, so the same call
+serves a whole sequence, a ring step or any two blocks of a sharded sequence.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 
 from lsts.kernels.attention import cpu, reference
 from lsts.kernels.attention.merge import merge_into
+from lsts.kernels.attention.spans import Span
 from lsts.kernels.backend import resolve_backend as _resolve
 
-__all__ = ["attention", "attention_bwd", "attention_fwd", "merge_into", "resolve_backend"]
+__all__ = ["CAUSAL", "FULL", "Span", "attention", "attention_bwd", "attention_fwd", "merge_into", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -39,26 +41,48 @@ def default_scale(head_dim: int, softmax_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
 
 
-def attention_fwd(q, k, v, softmax_scale: float, causal: bool, backend: str):
-    """Forward of one block: ``(out [B, Sq, H, D], lse [B, H, Sq])``. ``backend`` must be resolved."""
+FULL, CAUSAL = Span("full"), Span("causal")
+
+
+def _aligned_causal(span: Span, q, k, q_offset: int, k_offset: int) -> bool:
+    """Causal with the diagonal where the fused kernel's top-left ``is_causal`` puts it."""
+    return span.kind == "causal" and q_offset == k_offset and q.shape[1] == k.shape[1]
+
+
+def attention_fwd(q, k, v, softmax_scale: float, span: Span, backend: str, q_offset: int = 0, k_offset: int = 0):
+    """Forward of one block: ``(out [B, Sq, H, D], lse [B, H, Sq])``. ``backend`` must be resolved.
+    Query i and key j of the block sit at global positions ``q_offset + i`` and ``k_offset + j``."""
     if backend == "torch":
-        return cpu.attention_fwd(q, k, v, softmax_scale, causal)
-    return reference.attention_fwd(q, k, v, softmax_scale, causal)
+        if span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset):
+            return cpu.attention_fwd(q, k, v, softmax_scale, span.causal)
+        return cpu.span_attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset)
+    return reference.attention_fwd(q, k, v, softmax_scale, mask=_reference_mask(span, q, k, q_offset, k_offset))
 
 
-def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, backend: str):
+def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, backend: str, q_offset=0, k_offset=0):
     """Backward of one block given the queries' *global* ``out`` and ``lse``: ``(dq, dk, dv)``."""
     if backend == "torch":
-        return cpu.attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal)
-    return reference.attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal)
+        if span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset):
+            return cpu.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span.causal)
+        return cpu.span_attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset)
+    mask = _reference_mask(span, q, k, q_offset, k_offset)
+    return reference.attention_bwd(dout, q, k, v, out, lse, softmax_scale, mask=mask)
+
+
+def _reference_mask(span: Span, q, k, q_offset: int, k_offset: int) -> torch.Tensor | None:
+    if span.kind == "full":
+        return None
+    q_pos = torch.arange(q.shape[1], device=q.device) + q_offset
+    k_pos = torch.arange(k.shape[1], device=q.device) + k_offset
+    return span.mask(q_pos, k_pos, q.shape[2])[None]  # [1, H or 1, Sq, Sk]
 
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, backend):
-        out, lse = attention_fwd(q, k, v, softmax_scale, causal, backend)
+    def forward(ctx, q, k, v, softmax_scale, span, backend, q_offset, k_offset):
+        out, lse = attention_fwd(q, k, v, softmax_scale, span, backend, q_offset, k_offset)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (softmax_scale, causal, backend)
+        ctx.args = (softmax_scale, span, backend, q_offset, k_offset)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -66,7 +90,7 @@ class _LocalAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -94,11 +118,15 @@ def attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    span: Span | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable local attention: ``(out [B, Sq, H, D], lse [B, H, Sq])``; ``lse`` carries no
-    gradient. Causal attention needs ``Sq == Sk`` here (ring steps use offsets via tiles)."""
+    gradient. ``span`` (see `Span`) overrides ``causal``; masks are evaluated at the global positions
+    ``q_offset + i`` and ``k_offset + j``, so any two blocks of a longer sequence can be attended."""
     check_qkv(q, k, v)
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal local attention needs as many queries as keys; got {q.shape[1]} and {k.shape[1]}")
+    span = span if span is not None else (CAUSAL if causal else FULL)
     backend = resolve_backend(backend, q.device)
-    return _LocalAttention.apply(q, k, v, default_scale(q.shape[-1], softmax_scale), causal, backend)
+    scale = default_scale(q.shape[-1], softmax_scale)
+    return _LocalAttention.apply(q, k, v, scale, span, backend, int(q_offset), int(k_offset))
