@@ -5,7 +5,9 @@ Backends (see `lsts.kernels.backend`):
 - ``"torch"``: PyTorch's fused flash-attention CPU kernel (``cpu.py``): linear memory, CPU tensors.
 - ``"reference"``: materialized scores in pure PyTorch (``reference.py``): any device, float64, any
   mask; the oracle of the tests.
-- ``"auto"``: ``"torch"`` for CPU tensors; ``"reference"`` on CUDA until the Triton backend lands.
+- ``"triton"``: FlashAttention-2 style Triton kernels (``triton.py``) with span masks; CUDA, or CPU
+  tensors under Triton's interpreter.
+- ``"auto"``: ``"triton"`` on CUDA, ``"torch"`` on CPU.
 
 Layout: ``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` with ``H % H_kv == 0`` (GQA);
 ``lse [B, H, Sq]`` in float32 (float64 for float64 inputs). Masks are spans (`spans.Span`: full,
@@ -29,9 +31,7 @@ __all__ = ["CAUSAL", "FULL", "Span", "attention", "attention_bwd", "attention_fw
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete attention backend for ``device`` (`lsts.kernels.backend.resolve_backend`)."""
-    if backend == "auto" and device.type != "cpu":
-        return "reference"
-    resolved = _resolve(backend, device, "attention", supported=("torch", "reference"))
+    resolved = _resolve(backend, device, "attention", supported=("triton", "torch", "reference"))
     if resolved == "torch" and device.type != "cpu":
         raise ValueError(f"attention backend 'torch' runs on CPU tensors, got device {device}; use 'reference'")
     return resolved
@@ -52,6 +52,10 @@ def _aligned_causal(span: Span, q, k, q_offset: int, k_offset: int) -> bool:
 def attention_fwd(q, k, v, softmax_scale: float, span: Span, backend: str, q_offset: int = 0, k_offset: int = 0):
     """Forward of one block: ``(out [B, Sq, H, D], lse [B, H, Sq])``. ``backend`` must be resolved.
     Query i and key j of the block sit at global positions ``q_offset + i`` and ``k_offset + j``."""
+    if backend == "triton":
+        from lsts.kernels.attention import triton as triton_attention  # imports triton only when used
+
+        return triton_attention.attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset)
     if backend == "torch":
         if span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset):
             return cpu.attention_fwd(q, k, v, softmax_scale, span.causal)
@@ -61,6 +65,10 @@ def attention_fwd(q, k, v, softmax_scale: float, span: Span, backend: str, q_off
 
 def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, backend: str, q_offset=0, k_offset=0):
     """Backward of one block given the queries' *global* ``out`` and ``lse``: ``(dq, dk, dv)``."""
+    if backend == "triton":
+        from lsts.kernels.attention import triton as triton_attention
+
+        return triton_attention.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset)
     if backend == "torch":
         if span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset):
             return cpu.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span.causal)

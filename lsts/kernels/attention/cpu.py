@@ -64,7 +64,12 @@ def _head_groups(span: Span, n_heads: int, n_kv: int) -> list[tuple[slice, slice
     if not span.shifts_heads:
         return [(slice(0, n_heads), slice(0, n_kv), 0)]
     half, group = n_heads // 2, n_heads // n_kv
-    halves = [(slice(0, half), 0), (slice(half, n_heads), span.size // 2)]
+    # With one query head the unshifted half is empty (the fused op divides by zero on 0 heads).
+    halves = [
+        (heads, shift)
+        for heads, shift in [(slice(0, half), 0), (slice(half, n_heads), span.size // 2)]
+        if heads.stop > heads.start
+    ]
     if half % group == 0:
         return [(heads, slice(heads.start // group, heads.stop // group), shift) for heads, shift in halves]
     return [(heads, torch.arange(heads.start, heads.stop) // group, shift) for heads, shift in halves]
@@ -114,9 +119,7 @@ def span_attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int,
     b, sq, h, _ = q.shape
     out = torch.zeros_like(q)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
-    for heads, kv_heads, qs, keys, keep in _chunks(
-        span, sq, k.shape[1], h, k.shape[2], q_offset, k_offset, chunk
-    ):
+    for heads, kv_heads, qs, keys, keep in _chunks(span, sq, k.shape[1], h, k.shape[2], q_offset, k_offset, chunk):
         kc, vc = _gather_keys(k, keys, kv_heads), _gather_keys(v, keys, kv_heads)
         t = lambda x: x.transpose(1, 2)  # noqa: E731 - BSHD <-> BHSD view
         o, l = _fwd(

@@ -1,0 +1,381 @@
+"""Triton flash attention, forward and backward, with span masks at global offsets.
+
+FlashAttention-2 scheme: each program owns a block of queries (forward, dQ) or of keys (dK/dV),
+streams the other side through on-chip memory with an online softmax in base 2, never materializes
+the score matrix, saves only ``out`` and ``lse``, and recomputes probabilities in backward. Only the
+key (query) blocks that a span can reach are visited, so work is proportional to the unmasked area:
+a window or group span costs O(N·w), not O(N²).
+
+Masks are the predicate of `spans.Span` at global positions ``q_offset + i`` / ``k_offset + j``:
+causal (``j <= i``), window (``i - j < WINDOW``), group (``(i+s)//GROUP == (j+s)//GROUP`` with the
+shift ``s = GROUP/2`` on the second half of the heads when ``SHIFT_HEADS``) or a sink
+(``j < N_SINK``). Layout ``[B, S, H, D]`` with the last dim contiguous; GQA maps query head h to
+K/V head ``h // (H / H_kv)``. Accumulation in fp32; ``lse`` is fp32 ``[B, H, Sq]`` (natural log).
+
+Runs compiled on CUDA and, for the tests, in Triton's interpreter on CPU (fp32 / fp16).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lsts.kernels.attention.spans import Span
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _keep(pos_q, pos_k, shift, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] boolean: may query position pos_q see key position pos_k."""
+    keep = pos_k[None, :] >= 0
+    if CAUSAL:
+        keep = keep & (pos_k[None, :] <= pos_q[:, None])
+    if WINDOW > 0:
+        keep = keep & (pos_q[:, None] - pos_k[None, :] < WINDOW)
+    if GROUP > 0:
+        same = (pos_q[:, None] + shift) // GROUP == (pos_k[None, :] + shift) // GROUP
+        keep = keep & (same | (pos_k[None, :] < N_SINK))
+    return keep
+
+
+@triton.jit
+def _key_bounds(
+    q_first,
+    q_last,
+    shift,
+    k_offset,
+    SK,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_SINK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Local key blocks to visit for queries q_first..q_last (global): sinks [0, sink_hi), then
+    [lo, hi). lo is aligned down to BLOCK_N; the sink range stops where the main range starts."""
+    lo = 0
+    hi = SK
+    if CAUSAL:
+        hi = tl.minimum(hi, q_last - k_offset + 1)
+    if WINDOW > 0:
+        lo = tl.maximum(lo, q_first - WINDOW + 1 - k_offset)
+    if GROUP > 0:
+        lo = tl.maximum(lo, (q_first + shift) // GROUP * GROUP - shift - k_offset)
+        hi = tl.minimum(hi, ((q_last + shift) // GROUP + 1) * GROUP - shift - k_offset)
+    lo = lo // BLOCK_N * BLOCK_N
+    sink_hi = tl.minimum(tl.minimum(N_SINK - k_offset, SK), lo)
+    return lo, hi, sink_hi
+
+
+@triton.jit
+def _fwd_block(
+    b_acc,
+    b_m,
+    b_l,
+    b_q,
+    p_k0,
+    p_v0,
+    stride_ks,
+    stride_vs,
+    pos_q,
+    offs_n,
+    offs_d,
+    start,
+    shift,
+    k_offset,
+    SK,
+    HEAD_DIM,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_SINK: tl.constexpr,
+):
+    """One key block of the online softmax (base 2)."""
+    offs_k = start + offs_n
+    m_k = offs_k < SK
+    m_d = offs_d < HEAD_DIM
+    b_k = tl.load(
+        p_k0 + offs_k[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0
+    )
+    b_v = tl.load(
+        p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0
+    )
+    b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+    keep = _keep(pos_q, offs_k + k_offset, shift, CAUSAL, WINDOW, GROUP, N_SINK) & m_k[None, :]
+    b_s = tl.where(keep, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_acc, b_m_new, b_l
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, HEAD_DIM,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // GQA
+    shift = 0
+    if SHIFT_HEADS:
+        shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = offs_m < SQ, offs_d < HEAD_DIM
+    p_q = (
+        Q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+    )
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
+    p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    pos_q = offs_m + q_offset
+    q_first = i_m * BLOCK_M + q_offset
+    q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
+    lo, hi, sink_hi = _key_bounds(q_first, q_last, shift, k_offset, SK, CAUSAL, WINDOW, GROUP, N_SINK, BLOCK_N)
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Sink blocks first, then the span's own range: one loop, so the block body is traced once.
+    n_sink_blocks = tl.cdiv(sink_hi, BLOCK_N)
+    n_main_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    for i_blk in range(0, n_sink_blocks + n_main_blocks):
+        start = tl.where(i_blk < n_sink_blocks, i_blk * BLOCK_N, lo + (i_blk - n_sink_blocks) * BLOCK_N)
+        b_acc, b_m, b_l = _fwd_block(
+            b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, offs_n, offs_d, start, shift, k_offset,
+            SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK,
+        )  # fmt: skip
+
+    seen = b_l > 0
+    b_out = b_acc / tl.where(seen, b_l, 1.0)[:, None]
+    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
+    p_o = (
+        O + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
+    )
+    tl.store(p_o, b_out.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(LSE + i_bh.to(tl.int64) * SQ + offs_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dQ = scale · Σ_j dS_ij K_j with dS = P ∘ (dO Vᵀ − D); Q, dO, dQ share strides (contiguous)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // GQA
+    shift = 0
+    if SHIFT_HEADS:
+        shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = offs_m < SQ, offs_d < HEAD_DIM
+    q_rows = i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+    b_q = tl.load(Q + q_rows, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_do = tl.load(DO + q_rows, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_lse2 = tl.load(LSE + i_bh.to(tl.int64) * SQ + offs_m, mask=m_m, other=0.0) * 1.4426950408889634
+    b_lse2 = tl.where(b_lse2 == float("-inf"), 0.0, b_lse2)  # rows with no key: P = 0
+    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * SQ + offs_m, mask=m_m, other=0.0)
+    p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
+    p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    pos_q = offs_m + q_offset
+    q_first = i_m * BLOCK_M + q_offset
+    q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
+    lo, hi, sink_hi = _key_bounds(q_first, q_last, shift, k_offset, SK, CAUSAL, WINDOW, GROUP, N_SINK, BLOCK_N)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_sink_blocks = tl.cdiv(sink_hi, BLOCK_N)
+    n_main_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    for i_blk in range(0, n_sink_blocks + n_main_blocks):
+        start = tl.where(i_blk < n_sink_blocks, i_blk * BLOCK_N, lo + (i_blk - n_sink_blocks) * BLOCK_N)
+        offs_k = start + offs_n
+        m_k = offs_k < SK
+        m_kd = m_k[:, None] & m_d[None, :]
+        b_k = tl.load(p_k0 + offs_k[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=m_kd, other=0.0)
+        b_v = tl.load(p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_kd, other=0.0)
+        keep = _keep(pos_q, offs_k + k_offset, shift, CAUSAL, WINDOW, GROUP, N_SINK) & m_k[None, :] & m_m[:, None]
+        b_p = tl.where(keep, tl.exp2(tl.dot(b_q, tl.trans(b_k)) * qk_scale - b_lse2[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    tl.store(DQ + q_rows, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _query_bounds(
+    k_first,
+    k_last,
+    shift,
+    q_offset,
+    SQ,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_SINK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Local query range [lo, hi) that may see keys k_first..k_last (global); lo aligned down."""
+    lo = 0
+    hi = SQ
+    if CAUSAL:
+        lo = tl.maximum(lo, k_first - q_offset)
+    if WINDOW > 0:
+        hi = tl.minimum(hi, k_last + WINDOW - q_offset)
+    if GROUP > 0:  # noqa: SIM102 - a compile-time test around a run-time one
+        if k_first >= N_SINK:  # sinks are seen by every later query
+            lo = tl.maximum(lo, (k_first + shift) // GROUP * GROUP - shift - q_offset)
+            hi = tl.minimum(hi, ((k_last + shift) // GROUP + 1) * GROUP - shift - q_offset)
+    return lo // BLOCK_M * BLOCK_M, hi
+
+
+@triton.jit
+def _attn_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dkb, stride_dks, stride_dkh,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dV = Σ_i Pᵀ dO and dK = scale · Σ_i dSᵀ Q over the GQA group of query heads of this K/V head.
+    DK and DV share strides (fp32 buffers); Q and DO share strides."""
+    i_n, i_bhk = tl.program_id(0), tl.program_id(1)
+    H_KV = H // GQA
+    i_b, i_hk = i_bhk // H_KV, i_bhk % H_KV
+    offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_n, m_d = offs_n < SK, offs_d < HEAD_DIM
+    m_nd = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(
+        K
+        + i_b.to(tl.int64) * stride_kb
+        + i_hk * stride_kh
+        + offs_n[:, None].to(tl.int64) * stride_ks
+        + offs_d[None, :],
+        mask=m_nd,
+        other=0.0,
+    )
+    b_v = tl.load(
+        V
+        + i_b.to(tl.int64) * stride_vb
+        + i_hk * stride_vh
+        + offs_n[:, None].to(tl.int64) * stride_vs
+        + offs_d[None, :],
+        mask=m_nd,
+        other=0.0,
+    )
+    pos_k = offs_n + k_offset
+    k_first = i_n * BLOCK_N + k_offset
+    k_last = tl.minimum(i_n * BLOCK_N + BLOCK_N, SK) - 1 + k_offset
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i_g in range(0, GQA):
+        i_h = i_hk * GQA + i_g
+        shift = 0
+        if SHIFT_HEADS:
+            shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
+        lo, hi = _query_bounds(k_first, k_last, shift, q_offset, SQ, CAUSAL, WINDOW, GROUP, N_SINK, BLOCK_M)
+        p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+        p_do0 = DO + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+        i_bh = i_b * H + i_h
+        for start in range(lo, hi, BLOCK_M):
+            offs_q = start + offs_m
+            m_q = offs_q < SQ
+            m_qd = m_q[:, None] & m_d[None, :]
+            b_q = tl.load(p_q0 + offs_q[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=m_qd, other=0.0)
+            b_do = tl.load(p_do0 + offs_q[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=m_qd, other=0.0)
+            b_lse2 = tl.load(LSE + i_bh.to(tl.int64) * SQ + offs_q, mask=m_q, other=0.0) * 1.4426950408889634
+            b_lse2 = tl.where(b_lse2 == float("-inf"), 0.0, b_lse2)
+            b_delta = tl.load(DELTA + i_bh.to(tl.int64) * SQ + offs_q, mask=m_q, other=0.0)
+            # transposed scores [BLOCK_N, BLOCK_M]: keys along rows
+            keep = (
+                tl.trans(_keep(offs_q + q_offset, pos_k, shift, CAUSAL, WINDOW, GROUP, N_SINK))
+                & m_q[None, :]
+                & m_n[:, None]
+            )
+            b_pt = tl.where(keep, tl.exp2(tl.dot(b_k, tl.trans(b_q)) * qk_scale - b_lse2[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+            b_dpt = tl.dot(b_v, tl.trans(b_do))
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+    rows = (
+        i_b.to(tl.int64) * stride_dkb + i_hk * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks + offs_d[None, :]
+    )
+    tl.store(DK + rows, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_nd)
+    tl.store(DV + rows, b_dv.to(DV.dtype.element_ty), mask=m_nd)
+
+
+def _span_args(span: Span) -> dict:
+    return {
+        "WINDOW": span.window,
+        "GROUP": span.group,
+        "N_SINK": span.n_sink,
+        "CAUSAL": span.causal,
+        "SHIFT_HEADS": span.shifts_heads,
+    }
+
+
+def _blocks(head_dim: int, device: torch.device) -> dict:
+    # Small tiles in the interpreter (tests exercise block skipping at small shapes); 64 on GPU.
+    block = 64 if device.type == "cuda" else 16
+    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
+
+
+def attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0):
+    """``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` (last dim contiguous) -> ``(out, lse)``."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    b, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
+    # NaN-poisoned: a row the kernel failed to write cannot pass a test unnoticed.
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, h, sq), float("nan"), dtype=torch.float32, device=q.device)
+    blocks = _blocks(d, q.device)
+    grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, HEAD_DIM=d, **_span_args(span), **blocks,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0):
+    """Gradients ``(dq, dk, dv)`` given the queries' global ``out`` and ``lse``."""
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    dout = dout.contiguous()
+    b, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
+    lse = lse.float().contiguous()
+    dq = torch.full_like(q, float("nan"))
+    dk = torch.full(k.shape, float("nan"), dtype=torch.float32, device=k.device)
+    dv = torch.full(v.shape, float("nan"), dtype=torch.float32, device=v.device)
+    blocks, spans = _blocks(d, q.device), _span_args(span)
+    common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, softmax_scale)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    _attn_bwd_dq_kernel[(triton.cdiv(sq, blocks["BLOCK_M"]), b * h)](
+        q, k, v, dout, lse, delta, dq, *strides, *common, HEAD_DIM=d, **spans, **blocks
+    )
+    _attn_bwd_dkv_kernel[(triton.cdiv(sk, blocks["BLOCK_N"]), b * h_kv)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *common, HEAD_DIM=d, **spans, **blocks
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+__all__ = ["attention_bwd", "attention_fwd"]
