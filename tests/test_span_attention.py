@@ -70,5 +70,5 @@ def test_window_twin_touches_only_nearby_keys():
     from lsts.kernels.attention.cpu import _chunks
 
     span, n = Span("window", 64), 4096
-    widest = max(sum(s.stop - s.start for s in keys) for *_, keys, _ in _chunks(span, n, n, 1, 1, 0, 0, 64))
+    widest = max(sum(s.stop - s.start for s in keys) for *_, keys, _ in _chunks(span, n, n, 1, 1, 0, 0, 64, None))
     assert widest <= 64 + 63

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from lsts.kernels.attention import check_qkv, default_scale, resolve_backend
+from lsts.kernels.attention import CAUSAL, FULL, Span, check_qkv, default_scale, resolve_backend
+from lsts.kernels.attention.spans import SPAN_KINDS
 from lsts.parallel.comm import agree_across_ranks, decode_dtype, encode_dtype
 from lsts.parallel.sharding import LAYOUTS, check_seq_len
 
@@ -17,9 +18,11 @@ def group_world(group) -> int:
     return dist.get_world_size(group)
 
 
-def attention_setup(q, k, v, group, layout, causal, softmax_scale, backend, extra_check=None):
+def attention_setup(q, k, v, group, layout, causal, softmax_scale, backend, extra_check=None, extra_fields=None):
     """Validate one sequence-parallel attention call on every rank of ``group``; returns the
-    resolved ``(softmax_scale, backend)``. ``extra_check(world)`` adds method-specific rules."""
+    resolved ``(softmax_scale, backend)``. ``causal`` is a bool or a `Span`; ``extra_check(world)``
+    adds method-specific rules and ``extra_fields`` (name -> int) more values every rank must share."""
+    span = causal if isinstance(causal, Span) else (CAUSAL if causal else FULL)
     world = group_world(group)
     error = None
     try:
@@ -36,7 +39,9 @@ def attention_setup(q, k, v, group, layout, causal, softmax_scale, backend, extr
         error = str(e)
     qs, ks = list(q.shape) + [-1] * 4, list(k.shape) + [-1] * 4  # padded: malformed shapes still encode
     fields = {"batch": qs[0], "local sequence length": qs[1], "query heads": qs[2], "head_dim": qs[3]}
-    fields.update({"key/value heads": ks[2], "dtype": encode_dtype(q.dtype), "causal": int(causal)})
+    fields.update({"key/value heads": ks[2], "dtype": encode_dtype(q.dtype)})
+    fields.update({"span kind code": SPAN_KINDS.index(span.kind), "span size": span.size, "sinks": span.n_sink})
+    fields.update(extra_fields or {})
     fields["layout code"] = LAYOUTS.index(layout) if layout in LAYOUTS else -1
     agree_across_ranks(group, fields, error, decode={"dtype": decode_dtype})
     return default_scale(q.shape[-1], softmax_scale), backend

@@ -19,11 +19,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, attention_bwd, attention_fwd
+from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attention_bwd, attention_fwd
 from lsts.kernels.attention.merge import merge_into
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import RingComm
-from lsts.parallel.sharding import ring_tiles
+from lsts.parallel.sharding import shard_chunks, tiles
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,40 +68,32 @@ def ring_pass_with_grad(
     return travelling
 
 
-def ring_forward(q, k, v, comm: RingComm, layout: str, causal: bool, scale: float, backend: str):
+def ring_forward(q, k, v, comm: RingComm, layout: str, span: Span, scale: float, backend: str, docs=None):
     """Forward: ``(out [B, S, H, D] in q.dtype, lse [B, H, S] float32/64)``."""
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=acc_dtype(q.dtype), device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
 
     def visit(src: int, kv: torch.Tensor) -> None:
-        for t in ring_tiles(layout, comm.rank, src, comm.world, s, causal):
-            o, l = attention_fwd(q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], scale, CAUSAL if t.causal else FULL, backend)
+        for t in tiles(layout, comm.rank, src, comm.world, s, span, docs):
+            qt, kt, vt = q[:, t.q], kv[0][:, t.k], kv[1][:, t.k]
+            o, l = attention_fwd(qt, kt, vt, scale, t.span, backend, t.q_offset, t.k_offset, docs)
             merge_into(out[:, t.q], lse[:, :, t.q], o, l)
 
     ring_pass(comm, torch.stack([k, v]), visit)
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, layout, causal, scale, backend):
+def ring_backward(dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, layout, span, scale, backend, docs):
     """Backward: ``(dq, dk, dv)`` of this rank's shards."""
     s = q.shape[1]
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
 
     def visit(src: int, kv: torch.Tensor) -> torch.Tensor:
         dkv = torch.zeros(kv.shape, dtype=acc_dtype(q.dtype), device=q.device)
-        for t in ring_tiles(layout, comm.rank, src, comm.world, s, causal):
-            dq_t, dk_t, dv_t = attention_bwd(
-                dout[:, t.q],
-                q[:, t.q],
-                kv[0][:, t.k],
-                kv[1][:, t.k],
-                out[:, t.q],
-                lse[:, :, t.q],
-                scale,
-                CAUSAL if t.causal else FULL,
-                backend,
-            )
+        for t in tiles(layout, comm.rank, src, comm.world, s, span, docs):
+            rows = (dout[:, t.q], q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], out[:, t.q], lse[:, :, t.q])
+            dq_t, dk_t, dv_t = attention_bwd(*rows, scale, t.span, backend, t.q_offset, t.k_offset, docs)
             dq[:, t.q] += dq_t
             dkv[0][:, t.k] += dk_t
             dkv[1][:, t.k] += dv_t
@@ -111,22 +103,31 @@ def ring_backward(dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, 
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
+def document_fields(docs: Documents | None) -> dict[str, int]:
+    """What every rank must agree on about the packed documents: their count and a checksum."""
+    if docs is None:
+        return {"packed documents": 0}
+    starts = torch.unique_consecutive(docs.start.cpu()).long()
+    weights = torch.arange(1, len(starts) + 1)
+    return {"packed documents": len(starts), "document boundary checksum": int((starts * weights).sum() % 2**31)}
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, layout, causal, scale, backend):
-        out, lse = ring_forward(q, k, v, RingComm(group), layout, causal, scale, backend)
+    def forward(ctx, q, k, v, group, layout, span, scale, backend, docs):
+        out, lse = ring_forward(q, k, v, RingComm(group), layout, span, scale, backend, docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, layout, causal, scale, backend)
+        ctx.args = (group, layout, span, scale, backend, docs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, layout, causal, scale, backend = ctx.args
+        group, layout, span, scale, backend, docs = ctx.args
         comms = RingComm(group), RingComm(group)
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *comms, layout, causal, scale, backend)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *comms, layout, span, scale, backend, docs)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def ring_attention(
@@ -139,13 +140,29 @@ def ring_attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    span: Span | None = None,
+    cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
 ):
     """Online-softmax ring attention over the sequence-parallel ``group``.
 
     ``q [B, S_local, H, D]``, ``k, v [B, S_local, H_kv, D]``: this rank's shard under ``layout``
     (see `shard_sequence`). Returns ``out [B, S_local, H, D]``, and ``lse [B, H, S_local]`` (float32)
     when ``return_lse``. Inputs are checked on every rank before any data moves.
+
+    ``span`` (a `Span`; overrides ``causal``) and ``cu_seqlens`` (document boundaries of the
+    *global* packed sequence, the same on every rank) need layout zigzag or contiguous: each ring
+    step attends only the pairs of contiguous runs the span can reach, at their global offsets.
     """
-    scale, backend = attention_setup(q, k, v, group, layout, causal, softmax_scale, backend)
-    out, lse = _RingAttention.apply(q, k, v, group, layout, causal, scale, backend)
+    span = span if span is not None else (CAUSAL if causal else FULL)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    def check_span(world: int) -> None:
+        if cu_seqlens is not None or span.kind not in ("causal", "full"):
+            shard_chunks(layout, 0, world, q.shape[1])  # zigzag or contiguous, or a clear error
+
+    docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)  # (a bad one raises before any collective)
+    scale, backend = attention_setup(
+        q, k, v, group, layout, span, softmax_scale, backend, extra_check=check_span, extra_fields=document_fields(docs)
+    )
+    out, lse = _RingAttention.apply(q, k, v, group, layout, span, scale, backend, docs)
     return (out, lse) if return_lse else out

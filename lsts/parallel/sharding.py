@@ -13,10 +13,13 @@ the score matrix are unmasked under a causal mask: ring attention computes exact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from lsts.kernels.attention import CAUSAL, FULL, Documents, Span
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
@@ -112,15 +115,22 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 1, layout: str
 @dataclass(frozen=True)
 class Tile:
     """An unmasked rectangle of the score matrix between a query shard and a visiting K/V shard:
-    rows ``q`` of the local queries against rows ``k`` of the block, with a top-left aligned causal
-    mask inside the (square) rectangle when ``causal``."""
+    rows ``q`` of the local queries against rows ``k`` of the block, attended with ``span`` at the
+    global positions ``q_offset + i`` / ``k_offset + j`` of its rows. `ring_tiles` gives offsets 0
+    and a square rectangle, where the causal span is the top-left aligned triangle."""
 
     q: slice
     k: slice
-    causal: bool
+    span: Span = FULL
+    q_offset: int = 0
+    k_offset: int = 0
+
+    @property
+    def causal(self) -> bool:
+        return self.span.causal
 
     def area(self) -> int:
-        """Number of unmasked (query, key) pairs."""
+        """Number of unmasked (query, key) pairs of a `ring_tiles` tile."""
         nq, nk = self.q.stop - self.q.start, self.k.stop - self.k.start
         return nq * (nq + 1) // 2 if self.causal else nq * nk
 
@@ -134,18 +144,60 @@ def ring_tiles(layout: str, rank: int, src: int, world: int, s_local: int, causa
     (queries 1.., keys ..-1) against later ranks."""
     everything = slice(0, s_local)
     if not causal:
-        return [Tile(everything, everything, False)]
+        return [Tile(everything, everything)]
     if src == rank:
-        return [Tile(everything, everything, True)]
+        return [Tile(everything, everything, CAUSAL)]
     if layout == "contiguous":
-        return [Tile(everything, everything, False)] if src < rank else []
+        return [Tile(everything, everything)] if src < rank else []
     if layout == "zigzag":
         half = s_local // 2
         if src < rank:
-            return [Tile(everything, slice(0, half), False)]
-        return [Tile(slice(half, s_local), everything, False)]
+            return [Tile(everything, slice(0, half))]
+        return [Tile(slice(half, s_local), everything)]
     if layout == "stripe":
         if src < rank:
-            return [Tile(everything, everything, True)]
-        return [Tile(slice(1, s_local), slice(0, s_local - 1), True)] if s_local > 1 else []
+            return [Tile(everything, everything, CAUSAL)]
+        return [Tile(slice(1, s_local), slice(0, s_local - 1), CAUSAL)] if s_local > 1 else []
     raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def shard_chunks(layout: str, rank: int, world: int, s_local: int) -> list[tuple[slice, int]]:
+    """The contiguous runs of global positions in a shard: ``(local slice, first global position)``.
+    Stripe has none longer than a token: spans and documents need zigzag or contiguous."""
+    if layout == "contiguous":
+        return [(slice(0, s_local), rank * s_local)]
+    if layout == "zigzag":
+        c = s_local // 2
+        return [(slice(0, c), rank * c), (slice(c, s_local), (2 * world - 1 - rank) * c)]
+    raise ValueError(f"spans and packed documents need layout 'zigzag' or 'contiguous', not {layout!r}")
+
+
+def _reach(span: Span, docs: Documents | None, first: int, last: int) -> tuple[int, float]:
+    """Global keys ``[lo, hi)`` that queries ``first..last`` may reach, over every head's shift."""
+    shifts = {span.shift(0, 2), span.shift(1, 2)}
+    ranges = [span.key_range(first, last, s) for s in shifts]
+    lo = min(r[0] for r in ranges)
+    hi = max(math.inf if r[1] is None else r[1] for r in ranges)
+    if docs is not None:
+        d_lo, d_hi = docs.bounds(first, last)
+        lo, hi = max(lo, d_lo), min(hi, d_hi)
+    return lo, hi
+
+
+def tiles(layout, rank, src, world, s_local, span: Span, docs: Documents | None = None) -> list[Tile]:
+    """The tiles of a ring step for any span: `ring_tiles` for plain causal or full attention;
+    otherwise every pair of contiguous runs (see `shard_chunks`) that the span (and the documents)
+    can reach, at its global offsets. The kernels skip what is masked inside a tile."""
+    if docs is None and span.kind in ("causal", "full"):
+        return ring_tiles(layout, rank, src, world, s_local, span.causal)
+    out = []
+    for q_rows, q_first in shard_chunks(layout, rank, world, s_local):
+        n_q = q_rows.stop - q_rows.start
+        lo, hi = _reach(span, docs, q_first, q_first + n_q - 1)
+        for k_rows, k_first in shard_chunks(layout, src, world, s_local):
+            n_k = k_rows.stop - k_rows.start
+            # Sinks lie in the first documents; a query sees them only from one of those.
+            sinks = k_first < span.n_sink and (docs is None or int(docs.start[q_first]) < span.n_sink)
+            if sinks or max(lo, k_first) < min(hi, k_first + n_k):
+                out.append(Tile(q_rows, k_rows, span, q_first, k_first))
+    return out

@@ -22,11 +22,22 @@ import math
 import torch
 
 from lsts.kernels.attention import cpu, reference
+from lsts.kernels.attention.documents import Documents
 from lsts.kernels.attention.merge import merge_into
 from lsts.kernels.attention.spans import Span
 from lsts.kernels.backend import resolve_backend as _resolve
 
-__all__ = ["CAUSAL", "FULL", "Span", "attention", "attention_bwd", "attention_fwd", "merge_into", "resolve_backend"]
+__all__ = [
+    "CAUSAL",
+    "FULL",
+    "Documents",
+    "Span",
+    "attention",
+    "attention_bwd",
+    "attention_fwd",
+    "merge_into",
+    "resolve_backend",
+]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -49,48 +60,62 @@ def _aligned_causal(span: Span, q, k, q_offset: int, k_offset: int) -> bool:
     return span.kind == "causal" and q_offset == k_offset and q.shape[1] == k.shape[1]
 
 
-def attention_fwd(q, k, v, softmax_scale: float, span: Span, backend: str, q_offset: int = 0, k_offset: int = 0):
+def _fused_cpu(span: Span, q, k, q_offset: int, k_offset: int, docs: Documents | None) -> bool:
+    """The aten fused kernel takes the whole block: full, or causal on the diagonal, one document."""
+    return docs is None and (span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset))
+
+
+def attention_fwd(
+    q, k, v, softmax_scale: float, span: Span, backend: str, q_offset: int = 0, k_offset: int = 0, docs=None
+):
     """Forward of one block: ``(out [B, Sq, H, D], lse [B, H, Sq])``. ``backend`` must be resolved.
-    Query i and key j of the block sit at global positions ``q_offset + i`` and ``k_offset + j``."""
+    Query i and key j of the block sit at global positions ``q_offset + i`` and ``k_offset + j``;
+    ``docs`` (`Documents`, global) keeps attention inside packed documents."""
     if backend == "triton":
         from lsts.kernels.attention import triton as triton_attention  # imports triton only when used
 
-        return triton_attention.attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset)
+        return triton_attention.attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset, docs)
     if backend == "torch":
-        if span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset):
+        if _fused_cpu(span, q, k, q_offset, k_offset, docs):
             return cpu.attention_fwd(q, k, v, softmax_scale, span.causal)
-        return cpu.span_attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset)
-    return reference.attention_fwd(q, k, v, softmax_scale, mask=_reference_mask(span, q, k, q_offset, k_offset))
+        return cpu.span_attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset, docs)
+    mask = _reference_mask(span, q, k, q_offset, k_offset, docs)
+    return reference.attention_fwd(q, k, v, softmax_scale, mask=mask)
 
 
-def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, backend: str, q_offset=0, k_offset=0):
+def attention_bwd(
+    dout, q, k, v, out, lse, softmax_scale: float, span: Span, backend: str, q_offset=0, k_offset=0, docs=None
+):
     """Backward of one block given the queries' *global* ``out`` and ``lse``: ``(dq, dk, dv)``."""
     if backend == "triton":
         from lsts.kernels.attention import triton as triton_attention
 
-        return triton_attention.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset)
+        return triton_attention.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs)
     if backend == "torch":
-        if span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset):
+        if _fused_cpu(span, q, k, q_offset, k_offset, docs):
             return cpu.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span.causal)
-        return cpu.span_attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset)
-    mask = _reference_mask(span, q, k, q_offset, k_offset)
+        return cpu.span_attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs)
+    mask = _reference_mask(span, q, k, q_offset, k_offset, docs)
     return reference.attention_bwd(dout, q, k, v, out, lse, softmax_scale, mask=mask)
 
 
-def _reference_mask(span: Span, q, k, q_offset: int, k_offset: int) -> torch.Tensor | None:
-    if span.kind == "full":
+def _reference_mask(span: Span, q, k, q_offset: int, k_offset: int, docs: Documents | None) -> torch.Tensor | None:
+    if span.kind == "full" and docs is None:
         return None
     q_pos = torch.arange(q.shape[1], device=q.device) + q_offset
     k_pos = torch.arange(k.shape[1], device=q.device) + k_offset
-    return span.mask(q_pos, k_pos, q.shape[2])[None]  # [1, H or 1, Sq, Sk]
+    mask = span.mask(q_pos, k_pos, q.shape[2])
+    if docs is not None:
+        mask = mask & docs.mask(q_pos, k_pos)
+    return mask[None]  # [1, H or 1, Sq, Sk]
 
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, span, backend, q_offset, k_offset):
-        out, lse = attention_fwd(q, k, v, softmax_scale, span, backend, q_offset, k_offset)
+    def forward(ctx, q, k, v, softmax_scale, span, backend, q_offset, k_offset, docs):
+        out, lse = attention_fwd(q, k, v, softmax_scale, span, backend, q_offset, k_offset, docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (softmax_scale, span, backend, q_offset, k_offset)
+        ctx.args = (softmax_scale, span, backend, q_offset, k_offset, docs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -98,7 +123,7 @@ class _LocalAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -129,12 +154,33 @@ def attention(
     span: Span | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
+    cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable local attention: ``(out [B, Sq, H, D], lse [B, H, Sq])``; ``lse`` carries no
     gradient. ``span`` (see `Span`) overrides ``causal``; masks are evaluated at the global positions
-    ``q_offset + i`` and ``k_offset + j``, so any two blocks of a longer sequence can be attended."""
+    ``q_offset + i`` and ``k_offset + j``, so any two blocks of a longer sequence can be attended.
+
+    ``cu_seqlens`` (varlen): boundaries ``[0, ..., N]`` of documents packed in the *global*
+    sequence (or a prepared `Documents`); attention then stays inside each document. Every row of
+    the batch shares them (pack one sequence per row, or use batch 1). A query with no visible key
+    gets ``out = 0`` and ``lse = -inf``."""
     check_qkv(q, k, v)
     span = span if span is not None else (CAUSAL if causal else FULL)
     backend = resolve_backend(backend, q.device)
     scale = default_scale(q.shape[-1], softmax_scale)
-    return _LocalAttention.apply(q, k, v, scale, span, backend, int(q_offset), int(k_offset))
+    docs = as_documents(cu_seqlens, q.device, q_offset + q.shape[1], k_offset + k.shape[1])
+    return _LocalAttention.apply(q, k, v, scale, span, backend, int(q_offset), int(k_offset), docs)
+
+
+def as_documents(cu_seqlens, device, *extents: int) -> Documents | None:
+    """`Documents` from ``cu_seqlens`` (or as given) on ``device``; ValueError when they do not
+    cover every global position in ``extents`` (the end of the query and key blocks)."""
+    if cu_seqlens is None:
+        return None
+    docs = cu_seqlens if isinstance(cu_seqlens, Documents) else Documents.from_cu_seqlens(cu_seqlens)
+    if max(extents) > docs.seq_len:
+        raise ValueError(
+            f"cu_seqlens covers {docs.seq_len} positions but the blocks reach position {max(extents)}; "
+            f"its last entry must be the global sequence length"
+        )
+    return docs.to(device)

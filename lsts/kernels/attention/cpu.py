@@ -8,7 +8,8 @@ accepts an external ``out`` and ``lse``, which makes it an exact key-partition b
 
 Spans other than full and aligned causal run blockwise (`span_attention_fwd`): every chunk of queries
 attends only to the keys its span can reach, with an additive mask (the op rejects boolean masks),
-so window and group spans stay linear in N.
+so window and group spans stay linear in N. Packed documents (`documents.Documents`) take the
+same path: each chunk reads only the keys of its queries' documents.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ def attention_bwd(
 # --- spans: blockwise over query chunks, each against only the keys its span can reach ---------
 
 
-def _key_slices(span: Span, q_first: int, q_last: int, shift: int, k_offset: int, sk: int) -> list[slice]:
+def _key_slices(span: Span, q_first: int, q_last: int, shift: int, k_offset: int, sk: int, docs) -> list[slice]:
     """Local key slices (sinks first) that global queries ``q_first..q_last`` may see."""
     lo, hi = span.key_range(q_first, q_last, shift)
+    if docs is not None:
+        d_lo, d_hi = docs.bounds(q_first, q_last)
+        lo, hi = max(lo, d_lo), d_hi if hi is None else min(hi, d_hi)
     lo, hi = max(lo - k_offset, 0), min(sk if hi is None else hi - k_offset, sk)
     sink_hi = min(span.n_sink - k_offset, sk, lo)
     slices = [slice(0, sink_hi)] if sink_hi > 0 else []
@@ -75,17 +79,19 @@ def _head_groups(span: Span, n_heads: int, n_kv: int) -> list[tuple[slice, slice
     return [(heads, torch.arange(heads.start, heads.stop) // group, shift) for heads, shift in halves]
 
 
-def _chunks(span: Span, sq: int, sk: int, n_heads: int, n_kv: int, q_offset: int, k_offset: int, chunk: int):
+def _chunks(span: Span, sq: int, sk: int, n_heads: int, n_kv: int, q_offset: int, k_offset: int, chunk: int, docs):
     """Yield ``(heads, kv heads, query slice, key slices, keep mask)`` work items."""
     for heads, kv_heads, shift in _head_groups(span, n_heads, n_kv):
         for c0 in range(0, sq, chunk):
             qs = slice(c0, min(c0 + chunk, sq))
-            keys = _key_slices(span, c0 + q_offset, qs.stop - 1 + q_offset, shift, k_offset, sk)
+            keys = _key_slices(span, c0 + q_offset, qs.stop - 1 + q_offset, shift, k_offset, sk, docs)
             if not keys:
                 continue
             q_pos = torch.arange(qs.start, qs.stop) + q_offset
             k_pos = torch.cat([torch.arange(s.start, s.stop) for s in keys]) + k_offset
             keep = span.mask(q_pos, k_pos, n_heads)[heads.start if span.shifts_heads else 0]
+            if docs is not None:
+                keep = keep & docs.mask(q_pos, k_pos)
             yield heads, kv_heads, qs, keys, keep
 
 
@@ -112,14 +118,16 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
 
 
-def span_attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int, k_offset: int, chunk: int = 256):
+def span_attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int, k_offset: int, docs=None, chunk=256):
     """``(out, lse)`` of span attention, linear in N for window and group spans: each chunk of
     ``chunk`` queries runs the fused kernel on the keys its span reaches, with an additive mask.
     Rows that see no key get ``out = 0`` and ``lse = -inf``."""
     b, sq, h, _ = q.shape
     out = torch.zeros_like(q)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
-    for heads, kv_heads, qs, keys, keep in _chunks(span, sq, k.shape[1], h, k.shape[2], q_offset, k_offset, chunk):
+    for heads, kv_heads, qs, keys, keep in _chunks(
+        span, sq, k.shape[1], h, k.shape[2], q_offset, k_offset, chunk, docs
+    ):
         kc, vc = _gather_keys(k, keys, kv_heads), _gather_keys(v, keys, kv_heads)
         t = lambda x: x.transpose(1, 2)  # noqa: E731 - BSHD <-> BHSD view
         o, l = _fwd(
@@ -132,7 +140,7 @@ def span_attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int,
 
 
 def span_attention_bwd(
-    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset: int, k_offset: int, chunk: int = 256
+    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset: int, k_offset: int, docs=None, chunk=256
 ):
     """Gradients of `span_attention_fwd` (``out`` and ``lse`` are global for the queries)."""
     h = q.shape[2]
@@ -140,7 +148,7 @@ def span_attention_bwd(
     dq, dk, dv = torch.zeros_like(q), torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
     lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows with no key: P = exp(-inf - 0) = 0, no NaN
     for heads, kv_heads, qs, keys, keep in _chunks(
-        span, q.shape[1], k.shape[1], h, k.shape[2], q_offset, k_offset, chunk
+        span, q.shape[1], k.shape[1], h, k.shape[2], q_offset, k_offset, chunk, docs
     ):
         kc, vc = _gather_keys(k, keys, kv_heads), _gather_keys(v, keys, kv_heads)
         t = lambda x: x.transpose(1, 2)  # noqa: E731

@@ -27,8 +27,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _keep(pos_q, pos_k, shift, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] boolean: may query position pos_q see key position pos_k."""
+def _keep(
+    pos_q,
+    pos_k,
+    shift,
+    doc_lo,
+    doc_hi,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_SINK: tl.constexpr,
+    DOCS: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] boolean: may query position pos_q see key position pos_k. With DOCS the
+    key must also lie in the query's document [doc_lo, doc_hi) (per query row)."""
     keep = pos_k[None, :] >= 0
     if CAUSAL:
         keep = keep & (pos_k[None, :] <= pos_q[:, None])
@@ -37,7 +49,20 @@ def _keep(pos_q, pos_k, shift, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP
     if GROUP > 0:
         same = (pos_q[:, None] + shift) // GROUP == (pos_k[None, :] + shift) // GROUP
         keep = keep & (same | (pos_k[None, :] < N_SINK))
+    if DOCS:
+        keep = keep & (pos_k[None, :] >= doc_lo[:, None]) & (pos_k[None, :] < doc_hi[:, None])
     return keep
+
+
+@triton.jit
+def _doc_bounds(DOC_START, DOC_END, pos, mask, DOCS: tl.constexpr):
+    """Per-position document bounds (global), or zeros that `_keep` ignores without DOCS."""
+    doc_lo = 0
+    doc_hi = 0
+    if DOCS:
+        doc_lo = tl.load(DOC_START + pos, mask=mask, other=0)
+        doc_hi = tl.load(DOC_END + pos, mask=mask, other=0)
+    return doc_lo, doc_hi
 
 
 @triton.jit
@@ -47,10 +72,13 @@ def _key_bounds(
     shift,
     k_offset,
     SK,
+    DOC_START,
+    DOC_END,
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
     GROUP: tl.constexpr,
     N_SINK: tl.constexpr,
+    DOCS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Local key blocks to visit for queries q_first..q_last (global): sinks [0, sink_hi), then
@@ -64,6 +92,9 @@ def _key_bounds(
     if GROUP > 0:
         lo = tl.maximum(lo, (q_first + shift) // GROUP * GROUP - shift - k_offset)
         hi = tl.minimum(hi, ((q_last + shift) // GROUP + 1) * GROUP - shift - k_offset)
+    if DOCS:  # the documents of the first and the last query bound the keys
+        lo = tl.maximum(lo, tl.load(DOC_START + q_first) - k_offset)
+        hi = tl.minimum(hi, tl.load(DOC_END + q_last) - k_offset)
     lo = lo // BLOCK_N * BLOCK_N
     sink_hi = tl.minimum(tl.minimum(N_SINK - k_offset, SK), lo)
     return lo, hi, sink_hi
@@ -80,6 +111,8 @@ def _fwd_block(
     stride_ks,
     stride_vs,
     pos_q,
+    doc_lo,
+    doc_hi,
     offs_n,
     offs_d,
     start,
@@ -92,6 +125,7 @@ def _fwd_block(
     WINDOW: tl.constexpr,
     GROUP: tl.constexpr,
     N_SINK: tl.constexpr,
+    DOCS: tl.constexpr,
 ):
     """One key block of the online softmax (base 2)."""
     offs_k = start + offs_n
@@ -104,7 +138,7 @@ def _fwd_block(
         p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0
     )
     b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N]
-    keep = _keep(pos_q, offs_k + k_offset, shift, CAUSAL, WINDOW, GROUP, N_SINK) & m_k[None, :]
+    keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS) & m_k[None, :]
     b_s = tl.where(keep, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
@@ -120,8 +154,9 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, HEAD_DIM,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, HEAD_DIM, DOC_START, DOC_END,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
+    DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -143,7 +178,10 @@ def _attn_fwd_kernel(
     pos_q = offs_m + q_offset
     q_first = i_m * BLOCK_M + q_offset
     q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
-    lo, hi, sink_hi = _key_bounds(q_first, q_last, shift, k_offset, SK, CAUSAL, WINDOW, GROUP, N_SINK, BLOCK_N)
+    lo, hi, sink_hi = _key_bounds(
+        q_first, q_last, shift, k_offset, SK, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_N
+    )
+    doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, pos_q, m_m, DOCS)
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -154,8 +192,8 @@ def _attn_fwd_kernel(
     for i_blk in range(0, n_sink_blocks + n_main_blocks):
         start = tl.where(i_blk < n_sink_blocks, i_blk * BLOCK_N, lo + (i_blk - n_sink_blocks) * BLOCK_N)
         b_acc, b_m, b_l = _fwd_block(
-            b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, offs_n, offs_d, start, shift, k_offset,
-            SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK,
+            b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, doc_lo, doc_hi, offs_n, offs_d, start,
+            shift, k_offset, SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK, DOCS,
         )  # fmt: skip
 
     seen = b_l > 0
@@ -172,8 +210,9 @@ def _attn_fwd_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
+    DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale · Σ_j dS_ij K_j with dS = P ∘ (dO Vᵀ − D); Q, dO, dQ share strides (contiguous)."""
@@ -198,7 +237,10 @@ def _attn_bwd_dq_kernel(
     pos_q = offs_m + q_offset
     q_first = i_m * BLOCK_M + q_offset
     q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
-    lo, hi, sink_hi = _key_bounds(q_first, q_last, shift, k_offset, SK, CAUSAL, WINDOW, GROUP, N_SINK, BLOCK_N)
+    lo, hi, sink_hi = _key_bounds(
+        q_first, q_last, shift, k_offset, SK, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_N
+    )
+    doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, pos_q, m_m, DOCS)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_sink_blocks = tl.cdiv(sink_hi, BLOCK_N)
     n_main_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
@@ -209,7 +251,8 @@ def _attn_bwd_dq_kernel(
         m_kd = m_k[:, None] & m_d[None, :]
         b_k = tl.load(p_k0 + offs_k[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=m_kd, other=0.0)
         b_v = tl.load(p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_kd, other=0.0)
-        keep = _keep(pos_q, offs_k + k_offset, shift, CAUSAL, WINDOW, GROUP, N_SINK) & m_k[None, :] & m_m[:, None]
+        keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS)
+        keep = keep & m_k[None, :] & m_m[:, None]
         b_p = tl.where(keep, tl.exp2(tl.dot(b_q, tl.trans(b_k)) * qk_scale - b_lse2[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v))
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -224,10 +267,13 @@ def _query_bounds(
     shift,
     q_offset,
     SQ,
+    DOC_START,
+    DOC_END,
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
     GROUP: tl.constexpr,
     N_SINK: tl.constexpr,
+    DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """Local query range [lo, hi) that may see keys k_first..k_last (global); lo aligned down."""
@@ -241,6 +287,9 @@ def _query_bounds(
         if k_first >= N_SINK:  # sinks are seen by every later query
             lo = tl.maximum(lo, (k_first + shift) // GROUP * GROUP - shift - q_offset)
             hi = tl.minimum(hi, ((k_last + shift) // GROUP + 1) * GROUP - shift - q_offset)
+    if DOCS:  # symmetric: only queries of the keys' documents see them
+        lo = tl.maximum(lo, tl.load(DOC_START + k_first) - q_offset)
+        hi = tl.minimum(hi, tl.load(DOC_END + k_last) - q_offset)
     return lo // BLOCK_M * BLOCK_M, hi
 
 
@@ -249,8 +298,9 @@ def _attn_bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dkb, stride_dks, stride_dkh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
+    DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dV = Σ_i Pᵀ dO and dK = scale · Σ_i dSᵀ Q over the GQA group of query heads of this K/V head.
@@ -291,7 +341,9 @@ def _attn_bwd_dkv_kernel(
         shift = 0
         if SHIFT_HEADS:
             shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
-        lo, hi = _query_bounds(k_first, k_last, shift, q_offset, SQ, CAUSAL, WINDOW, GROUP, N_SINK, BLOCK_M)
+        lo, hi = _query_bounds(
+            k_first, k_last, shift, q_offset, SQ, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_M
+        )
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
         p_do0 = DO + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
         i_bh = i_b * H + i_h
@@ -304,9 +356,10 @@ def _attn_bwd_dkv_kernel(
             b_lse2 = tl.load(LSE + i_bh.to(tl.int64) * SQ + offs_q, mask=m_q, other=0.0) * 1.4426950408889634
             b_lse2 = tl.where(b_lse2 == float("-inf"), 0.0, b_lse2)
             b_delta = tl.load(DELTA + i_bh.to(tl.int64) * SQ + offs_q, mask=m_q, other=0.0)
+            doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, offs_q + q_offset, m_q, DOCS)
             # transposed scores [BLOCK_N, BLOCK_M]: keys along rows
             keep = (
-                tl.trans(_keep(offs_q + q_offset, pos_k, shift, CAUSAL, WINDOW, GROUP, N_SINK))
+                tl.trans(_keep(offs_q + q_offset, pos_k, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS))
                 & m_q[None, :]
                 & m_n[:, None]
             )
@@ -322,8 +375,11 @@ def _attn_bwd_dkv_kernel(
     tl.store(DV + rows, b_dv.to(DV.dtype.element_ty), mask=m_nd)
 
 
-def _span_args(span: Span) -> dict:
+def _span_args(span: Span, docs) -> dict:
     return {
+        "DOC_START": None if docs is None else docs.start,
+        "DOC_END": None if docs is None else docs.end,
+        "DOCS": docs is not None,
         "WINDOW": span.window,
         "GROUP": span.group,
         "N_SINK": span.n_sink,
@@ -338,7 +394,7 @@ def _blocks(head_dim: int, device: torch.device) -> dict:
     return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
 
 
-def attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0):
+def attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0, docs=None):
     """``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` (last dim contiguous) -> ``(out, lse)``."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     b, sq, h, d = q.shape
@@ -350,12 +406,12 @@ def attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, 
     grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, HEAD_DIM=d, **_span_args(span), **blocks,
+        sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, HEAD_DIM=d, **_span_args(span, docs), **blocks,
     )  # fmt: skip
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0):
+def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset=0, k_offset=0, docs=None):
     """Gradients ``(dq, dk, dv)`` given the queries' global ``out`` and ``lse``."""
     q, k, v = (x.contiguous() for x in (q, k, v))
     dout = dout.contiguous()
@@ -366,7 +422,7 @@ def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_o
     dq = torch.full_like(q, float("nan"))
     dk = torch.full(k.shape, float("nan"), dtype=torch.float32, device=k.device)
     dv = torch.full(v.shape, float("nan"), dtype=torch.float32, device=v.device)
-    blocks, spans = _blocks(d, q.device), _span_args(span)
+    blocks, spans = _blocks(d, q.device), _span_args(span, docs)
     common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, softmax_scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     _attn_bwd_dq_kernel[(triton.cdiv(sq, blocks["BLOCK_M"]), b * h)](
