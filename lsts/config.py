@@ -1,0 +1,444 @@
+"""The typed configuration of a training run: dataclass sections, a strict YAML loader, CLI overrides.
+
+Precedence is CLI > file > defaults. The dataclass defaults *are* the CPU demo (``configs/demo.yaml``
+is a commented copy of them, pinned by a test), so a bare ``python launch/train.py`` runs anywhere.
+Overrides look like ``--model.dim=512`` or ``--model.dim 512``; a few shorthands (``--seq-len``,
+``--steps``, ``--out``, ``--resume``, ``--seed``) cover the common cases. Unknown sections or fields
+in a file or on the command line are errors that suggest the closest valid key: a typo must never
+silently train with the default.
+
+Each field's one-line help is its comment, kept as field metadata so that the same text documents
+the code, ``--help`` and the saved ``config.yaml``.
+
+Limits: ``"auto"`` values (device, dtype, backends) are carried as they are and resolved by the
+trainer, which knows the hardware; checks that need the world size (degrees multiplying to it) live
+with the device mesh. Everything here is pure Python: no torch import, so ``--help`` is instant.
+"""
+
+# ruff: noqa: RUF009  # `_f` is `dataclasses.field` with help metadata: its result is not a shared default
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import math
+import sys
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Backend = Literal["auto", "triton", "torch", "reference"]  # = lsts.kernels.backend.BACKENDS (a test checks)
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with a default and its one-line help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer (SwiGLU, RMSNorm, RoPE, GQA) with MASFormer attention spans."""
+
+    vocab_size: int = _f(256, "vocabulary size (256 = the byte tokenizer); pad up for speed")
+    dim: int = _f(64, "model width")
+    n_layers: int = _f(4, "number of transformer blocks")
+    n_heads: int = _f(4, "query heads")
+    n_kv_heads: int = _f(2, "key/value heads (GQA); must divide n_heads")
+    ffn_dim: int = _f(0, "SwiGLU hidden width; 0 = 8/3·dim rounded up to multiple_of")
+    multiple_of: int = _f(64, "rounding of the derived ffn_dim")
+    rope_base: float = _f(10000.0, "RoPE theta")
+    rope_scaling: float = _f(1.0, "linear RoPE scaling (position interpolation) factor; 1 = off")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
+    full_layers: Literal["all", "bottom", "top", "interleave"] = _f("top", "where the full-attention layers are")
+    n_full: int = _f(1, "number of full-attention layers (ignored when full_layers is 'all')")
+    span: Literal["window", "block"] = _f("window", "attention of the other layers: sliding window or diagonal blocks")
+    span_size: int = _f(256, "window w or block b of the other layers, in tokens")
+    init_std: float = _f(0.02, "std of the normal initialisation of weights")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The SwiGLU hidden width: ``ffn_dim``, or 8/3·dim (same parameters as a 4·dim MLP)."""
+        if self.ffn_dim:
+            return self.ffn_dim
+        return self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+
+    def full_layer_ids(self) -> list[int]:
+        """Indices of the full-attention layers. "interleave" spaces them evenly and ends on the top
+        layer (ALGORITHMS.md §5 leaves the placement open: this is one preset among three)."""
+        L, n = self.n_layers, self.n_full
+        if self.full_layers == "all":
+            return list(range(L))
+        if self.full_layers == "bottom":
+            return list(range(n))
+        if self.full_layers == "top":
+            return list(range(L - n, L))
+        return [(k + 1) * L // n - 1 for k in range(n)]
+
+    def layer_spans(self) -> list[tuple[str, int]]:
+        """``(kind, size)`` per layer, as `lsts.kernels.attention.spans.Span` takes them."""
+        full = set(self.full_layer_ids())
+        return [("causal", 0) if i in full else (self.span, self.span_size) for i in range(self.n_layers)]
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees and engines. Checked against the world size when the device mesh is built."""
+
+    dp_replicate: int = _f(1, "data-parallel replicas (HSDP outer axis)")
+    dp_shard: int = _f(-1, "data-parallel shards (FSDP axis); -1 = whatever the other degrees leave")
+    tp: int = _f(1, "tensor-parallel degree")
+    pp: int = _f(1, "pipeline-parallel stages")
+    cp_ring: int = _f(1, "context parallelism: ring attention degree")
+    cp_ulysses: int = _f(1, "context parallelism: Ulysses (all-to-all over heads) degree")
+    layout: Literal["zigzag", "contiguous", "stripe"] = _f("zigzag", "how the sequence is cut across cp ranks")
+    dp_engine: Literal["fsdp2", "ddp", "zero1", "zero2", "zero3"] = _f("fsdp2", "data-parallel engine")
+    activation_checkpoint: Literal["none", "full", "selective"] = _f("none", "recompute activations in backward")
+    pp_microbatches: int = _f(1, "micro-batches per step in the pipeline schedule")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "process-group backend; auto = nccl on CUDA, else gloo")
+    timeout_s: int = _f(600, "collective timeout in seconds")
+
+    @property
+    def cp(self) -> int:
+        """Context-parallel degree: the sequence is split over ``cp_ring × cp_ulysses`` ranks."""
+        return self.cp_ring * self.cp_ulysses
+
+    @property
+    def seq_len_divisor(self) -> int:
+        """Global sequence lengths must be multiples of this (same rule as
+        `lsts.parallel.sharding.seq_len_divisor`; a test keeps the two equal)."""
+        return 2 * self.cp if self.layout == "zigzag" else self.cp
+
+    def dp_shard_for(self, world_size: int) -> int:
+        """``dp_shard`` with -1 resolved for ``world_size`` ranks; ValueError listing every factor."""
+        others = self.dp_replicate * self.tp * self.pp * self.cp
+        shard = world_size // others if self.dp_shard == -1 else self.dp_shard
+        if shard < 1 or others * shard != world_size:
+            raise ValueError(
+                f"parallel degrees dp_replicate={self.dp_replicate} × dp_shard={self.dp_shard} × tp={self.tp} × "
+                f"pp={self.pp} × cp_ring={self.cp_ring} × cp_ulysses={self.cp_ulysses} do not multiply to the "
+                f"world size {world_size}; set parallel.dp_shard=-1 or change the degrees"
+            )
+        return shard
+
+
+@dataclass
+class KernelsConfig:
+    """Implementation per op, as `lsts.kernels.backend.resolve_backend` takes it."""
+
+    attention: Backend = _f("auto", "attention kernels; auto = triton on CUDA, torch on CPU")
+    loss: Backend = _f("auto", "chunked linear + cross-entropy")
+    norm: Backend = _f("auto", "RMSNorm")
+    rope: Backend = _f("auto", "rotary embedding")
+    loss_chunk_size: int = _f(4096, "tokens per chunk of the loss: the [chunk, vocab] logits buffer")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are packed."""
+
+    dataset: str = _f("stdlib", "'stdlib' (Python's own sources, offline), a HF dataset name, or .txt/.jsonl path")
+    text_field: str = _f("text", "field of a record that holds the text (HF and .jsonl)")
+    tokenizer: str = _f("byte", "'byte' (UTF-8 bytes, vocab 256) or a transformers tokenizer name or path")
+    seq_len: int = _f(4096, "tokens per packed sequence (global, before context-parallel sharding)")
+    batch_size: int = _f(1, "sequences per micro-batch per data-parallel rank")
+    doc_masking: bool = _f(True, "attention stays inside documents (else only position ids restart)")
+    seed: int = _f(0, "seed of the data order")
+    num_workers: int = _f(0, "DataLoader worker processes")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup then decay."""
+
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of the decay")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas; on the CLI as 0.9,0.95")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    steps: int = _f(50, "optimizer steps")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    seed: int = _f(0, "seed of weights and dropout")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto = bf16 on CUDA, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available")
+    out: str = _f("runs/demo", "output directory: checkpoints, metrics, config.yaml")
+    resume: bool = _f(False, "continue from the latest checkpoint in out")
+    log_every: int = _f(1, "steps between log lines")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(25, "steps between checkpoints; 0 = only at the end")
+    keep: int = _f(2, "most recent checkpoints kept; 0 = keep all")
+
+
+@dataclass
+class MetricsConfig:
+    tensorboard: bool = _f(True, "write TensorBoard events under out/tb")
+    jsonl: bool = _f(True, "append one JSON line per logged step to out/metrics.jsonl")
+    progress_bar: bool = _f(True, "show a progress bar on rank 0")
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_BOOLS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (a CLI string or a YAML scalar) as type ``tp``; ValueError naming the key and value."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{key}: {value!r} is not one of {list(choices)}{_suggest(str(value), choices)}")
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        args = typing.get_args(tp)
+        if not isinstance(items, (list, tuple)) or len(items) != len(args):
+            raise ValueError(f"{key}: {value!r} is not {len(args)} comma-separated values (e.g. 0.9,0.95)")
+        return tuple(_coerce(item.strip() if isinstance(item, str) else item, a, key) for item, a in zip(items, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+        raise ValueError(f"{key}: {value!r} is not a boolean; use true/false (or yes/no, 1/0)")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # bool is an int subclass
+    if (tp is int and number and isinstance(value, int)) or (tp is str and isinstance(value, str)):
+        return value
+    if tp is float and number:
+        return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return tp(value)
+    kind = {int: "an integer", float: "a number", str: "a string (quote it in YAML)"}[tp]
+    raise ValueError(f"{key}: {value!r} is not {kind}")
+
+
+def _at_least(section: str, obj: Any, minimum: float, *names: str) -> list[str]:
+    return [f"{section}.{n} ({getattr(obj, n)}) must be >= {minimum}" for n in names if getattr(obj, n) < minimum]
+
+
+def _positive(section: str, obj: Any, *names: str) -> list[str]:
+    return [f"{section}.{n} ({getattr(obj, n)}) must be > 0" for n in names if not getattr(obj, n) > 0]
+
+
+@dataclass
+class Config:
+    """A whole run. Build with `load_config` (validated) or `from_dict` / `from_yaml` (not yet)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def set(self, key: str, value: Any, source: str = "<override>") -> None:
+        """Set ``section.field`` to ``value`` coerced to the field's type; strict about the key."""
+        section, _, name = key.partition(".")
+        obj = self._section(section, source)
+        hints = typing.get_type_hints(type(obj))  # resolves the string annotations of `from __future__`
+        if name not in hints:
+            raise ValueError(
+                f"{source}: unknown field {key!r}{_suggest(name, hints)}; valid fields of {section}: {list(hints)}"
+            )
+        setattr(obj, name, _coerce(value, hints[name], key))
+
+    def _section(self, name: str, source: str) -> Any:
+        sections = [f.name for f in fields(self)]
+        if name not in sections:
+            raise ValueError(f"{source}: unknown section {name!r}{_suggest(name, sections)}; valid: {sections}")
+        return getattr(self, name)
+
+    def update(self, data: dict[str, Any], source: str = "<dict>") -> Config:
+        """Overlay a nested ``{section: {field: value}}`` mapping (a partial one is fine); returns self."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                self._section(str(section), source)  # an unknown name is the better error
+                raise ValueError(f"{source}: section {section!r} must be a mapping of fields, got {values!r}")
+            for name, value in values.items():
+                self.set(f"{section}.{name}", value, source)
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
+        """Defaults overlaid with ``data`` (the shape of `to_dict`)."""
+        return cls().update(data, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Config:
+        """Defaults overlaid with a YAML file of the same nesting."""
+        if not Path(path).is_file():
+            raise ValueError(f"config file {str(path)!r} not found; the shipped ones are in configs/")
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
+        return cls.from_dict(data or {}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: {n: list(v) if isinstance(v, tuple) else v for n, v in s.items()} for k, s in asdict(self).items()}
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, each field with its help as a comment; `from_yaml` reads it back."""
+        lines = ["# lsts configuration (resolved: defaults < file < command line)"]
+        for f in fields(self):
+            section = getattr(self, f.name)
+            lines.append(f"{f.name}:")
+            for sf in fields(section):
+                value = getattr(section, sf.name)
+                value = list(value) if isinstance(value, tuple) else value
+                text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("...\n").strip()
+                lines.append(f"  {sf.name}: {text}  # {sf.metadata['help']}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_yaml())
+
+    def validate(self) -> None:
+        """ValueError listing every bad value and its fix. World-size checks happen at mesh build."""
+        m, p, d, o, t = self.model, self.parallel, self.data, self.optim, self.train
+        errors = _at_least("model", m, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
+        errors += _at_least("model", m, 0, "ffn_dim", "n_full", "span_size")
+        errors += _positive("model", m, "rope_base", "rope_scaling", "norm_eps", "init_std")
+        errors += _at_least("parallel", p, 1, "dp_replicate", "tp", "pp", "cp_ring", "cp_ulysses", "pp_microbatches")
+        if p.dp_shard < 1 and p.dp_shard != -1:
+            errors.append(f"parallel.dp_shard ({p.dp_shard}) must be >= 1, or -1 to fill the world")
+        errors += _positive("parallel", p, "timeout_s") + _positive("kernels", self.kernels, "loss_chunk_size")
+        errors += _at_least("data", d, 1, "seq_len", "batch_size") + _at_least("data", d, 0, "seed", "num_workers")
+        errors += _positive("optim", o, "lr", "eps") + _at_least("optim", o, 0, "min_lr", "weight_decay")
+        errors += _at_least("optim", o, 0, "warmup_steps", "grad_clip")
+        if not all(0 <= b < 1 for b in o.betas):
+            errors.append(f"optim.betas ({list(o.betas)}) must each be in [0, 1), e.g. 0.9,0.95")
+        errors += _at_least("train", t, 1, "steps", "grad_accum", "log_every") + _at_least("train", t, 0, "seed")
+        errors += _at_least("checkpoint", self.checkpoint, 0, "every", "keep")
+        if not errors:  # the relations would divide by zero on the values rejected above
+            errors = self._relations()
+        if errors:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+    def _relations(self) -> list[str]:
+        """Checks between fields (sizes that must divide, ordered bounds)."""
+        m, p, d, o = self.model, self.parallel, self.data, self.optim
+        errors = []
+        if m.n_heads % m.n_kv_heads:
+            ok = [k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]
+            bad = f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})"
+            errors.append(f"{bad}: set n_kv_heads to one of {ok}")
+        if m.dim % m.n_heads or m.head_dim % 2:
+            errors.append(f"model.dim ({m.dim}) must be n_heads ({m.n_heads}) × an even head dim (RoPE rotates pairs)")
+        if m.full_layers != "all" and m.n_full > m.n_layers:
+            errors.append(f"model.n_full ({m.n_full}) exceeds model.n_layers ({m.n_layers})")
+        elif len(m.full_layer_ids()) < m.n_layers and m.span_size < 1:
+            errors.append(f"model.span_size must be >= 1 for the {m.span} layers; set e.g. --model.span_size=1024")
+        if m.n_heads % (p.tp * p.cp_ulysses):
+            errors.append(
+                f"model.n_heads ({m.n_heads}) must be divisible by parallel.tp × parallel.cp_ulysses "
+                f"({p.tp} × {p.cp_ulysses}): both split the heads"
+            )
+        if p.pp > m.n_layers:
+            errors.append(f"parallel.pp ({p.pp}) exceeds model.n_layers ({m.n_layers}): each stage needs a layer")
+        if p.layout == "stripe" and p.cp_ring > 1 and p.cp_ulysses > 1:
+            errors.append(
+                "parallel.layout 'stripe' does not compose ring with Ulysses (see lsts.parallel.hybrid); use zigzag"
+            )
+        if d.seq_len % (div := p.seq_len_divisor):
+            lo, hi = d.seq_len // div * div, (d.seq_len // div + 1) * div
+            errors.append(
+                f"data.seq_len ({d.seq_len}) must be a multiple of {div} (layout {p.layout!r} over cp={p.cp} "
+                f"ranks); use {lo or hi} or {hi}"
+            )
+        if o.min_lr > o.lr:
+            errors.append(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr})")
+        return errors
+
+
+# Shorthand flags for the common overrides; each is an alias of its --section.field option.
+SHORTHANDS = {"--seq-len": "data.seq_len", "--steps": "train.steps", "--out": "train.out", "--seed": "train.seed"}
+
+_EPILOG = """\
+Any field can be overridden as --section.field=value or --section.field value, e.g.
+  --model.dim=512 --parallel.cp_ring 4 --optim.betas=0.9,0.95 --metrics.tensorboard=false
+Precedence: command line > --config file > built-in defaults (the CPU demo, = configs/demo.yaml).
+Unknown keys are errors. Booleans take true/false, yes/no, 1/0."""
+
+
+def _keys() -> list[str]:
+    """Every ``section.field`` name."""
+    cfg = Config()
+    return [f"{f.name}.{sf.name}" for f in fields(cfg) for sf in fields(getattr(cfg, f.name))]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `load_config`: one option per field, grouped by section."""
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [--config FILE.yaml] [--section.field=value ...] [shorthands] [--print-config]",
+        description="lsts: distributed long-sequence training",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a prefix must not silently pick a field
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same section/field nesting")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    given = {"default": argparse.SUPPRESS, "metavar": "V"}  # absent options stay absent: the file keeps its value
+    short = parser.add_argument_group("shorthands")
+    for flag, key in SHORTHANDS.items():
+        short.add_argument(flag, dest=key, help=f"= --{key}", **given)
+    resume = "= --train.resume=true: continue from the latest checkpoint in train.out"
+    short.add_argument("--resume", dest="train.resume", action="store_const", const="true", help=resume, **given)
+    defaults = Config()
+    for f in fields(defaults):
+        section = getattr(defaults, f.name)
+        group = parser.add_argument_group(f.name, type(section).__doc__)
+        for sf in fields(section):
+            key, text = f"{f.name}.{sf.name}", f"{sf.metadata['help']} [{getattr(section, sf.name)}]"
+            group.add_argument(f"--{key}", dest=key, help=text, **given)
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Defaults < ``--config`` file < command-line overrides, validated. ``argv`` defaults to
+    ``sys.argv[1:]``. ``--print-config`` prints the YAML and raises ``SystemExit(0)``; ``--help`` too."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        bad = next((a for a in rest if a.startswith("-")), rest[0])
+        name = bad.partition("=")[0]
+        options = ["--config", "--print-config", "--resume", *SHORTHANDS, *(f"--{k}" for k in _keys())]
+        raise ValueError(f"command line: unknown option {name!r}{_suggest(name, options)}; see --help")
+    cfg = Config.from_yaml(args.config) if args.config else Config()
+    for key, value in vars(args).items():
+        if "." in key:
+            cfg.set(key, value, source="command line")
+    cfg.validate()
+    if args.print_config:
+        sys.stdout.write(cfg.to_yaml())
+        raise SystemExit(0)
+    return cfg
