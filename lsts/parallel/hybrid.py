@@ -14,10 +14,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lsts.kernels.attention import CAUSAL, FULL, Documents, Span
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.ring import ring_attention
 from lsts.parallel.sharding import check_seq_len, layout_indices
-from lsts.parallel.ulysses import check_heads, heads_to_sequence, layout_order, replicate_kv_heads, sequence_to_heads
+from lsts.parallel.ulysses import (
+    check_heads,
+    check_unshifted,
+    heads_to_sequence,
+    layout_order,
+    replicate_kv_heads,
+    sequence_to_heads,
+)
 
 HYBRID_LAYOUTS = ("contiguous", "zigzag")
 
@@ -44,11 +52,15 @@ def hybrid_attention(
     return_lse: bool = False,
     backend: str = "auto",
     mesh=None,
+    span: Span | None = None,
+    cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
 ):
     """Ulysses × ring attention. Pass ``ring_group`` and ``ulysses_group``, or ``mesh``: a 2-D
     DeviceMesh whose axis 0 is the ring and axis 1 the Ulysses group. ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` over all ``U·R`` ranks; returns
-    ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Needs ``H % U == 0``."""
+    ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Needs ``H % U == 0``.
+    ``span`` and ``cu_seqlens`` as in `ring_attention` (zigzag or contiguous; no head-shifting span)."""
+    span = span if span is not None else (CAUSAL if causal else FULL)
     if mesh is not None:
         if mesh.ndim != 2:
             raise ValueError(f"hybrid attention needs a 2-D mesh (ring, ulysses), got {mesh.ndim} axes")
@@ -56,10 +68,12 @@ def hybrid_attention(
     if ring_group is None or ulysses_group is None:
         raise ValueError("hybrid attention needs both ring_group and ulysses_group (or a 2-D mesh)")
     n_uly, n_ring = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
-    scale, backend = attention_setup(
-        q, k, v, ulysses_group, layout, causal, softmax_scale, backend,
-        extra_check=lambda w: _check_hybrid(layout, q.shape[2], w, q.shape[1] * n_uly * n_ring, n_uly * n_ring),
-    )  # fmt: skip
+
+    def check(w: int) -> None:
+        _check_hybrid(layout, q.shape[2], w, q.shape[1] * n_uly * n_ring, n_uly * n_ring)
+        check_unshifted(span, w, "hybrid (ulysses part of)")
+
+    scale, backend = attention_setup(q, k, v, ulysses_group, layout, span, softmax_scale, backend, extra_check=check)
     world, ring_rank = n_uly * n_ring, dist.get_rank(ring_group)
     seq_len = q.shape[1] * world
 
@@ -71,7 +85,10 @@ def hybrid_attention(
     assert torch.equal(gathered[to_ring], layout_indices(seq_len, n_ring, ring_rank, layout))
     to_ring, from_ring = to_ring.to(q.device), torch.argsort(to_ring).to(q.device)
     qh, kh, vh = (x[:, to_ring] for x in (qh, kh, vh))
-    out, lse = ring_attention(qh, kh, vh, ring_group, causal, layout, scale, return_lse=True, backend=backend)
+    out, lse = ring_attention(
+        qh, kh, vh, ring_group, layout=layout, softmax_scale=scale, return_lse=True, backend=backend, span=span,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
     out = sequence_to_heads(out[:, from_ring], ulysses_group)
     if not return_lse:
         return out

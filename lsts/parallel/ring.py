@@ -23,6 +23,7 @@ from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, 
 from lsts.kernels.attention.merge import merge_into
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import RingComm
+from lsts.parallel.halo import halo_applies, halo_attention
 from lsts.parallel.sharding import shard_chunks, tiles
 
 
@@ -152,6 +153,8 @@ def ring_attention(
     ``span`` (a `Span`; overrides ``causal``) and ``cu_seqlens`` (document boundaries of the
     *global* packed sequence, the same on every rank) need layout zigzag or contiguous: each ring
     step attends only the pairs of contiguous runs the span can reach, at their global offsets.
+    Window and block spans no wider than a run skip the ring: a halo exchange with the neighbours
+    brings the few keys they need (`lsts.parallel.halo`), so traffic is ∝ the span, not N.
     """
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -164,5 +167,8 @@ def ring_attention(
     scale, backend = attention_setup(
         q, k, v, group, layout, span, softmax_scale, backend, extra_check=check_span, extra_fields=document_fields(docs)
     )
-    out, lse = _RingAttention.apply(q, k, v, group, layout, span, scale, backend, docs)
+    if halo_applies(span, layout, q.shape[1], world):
+        out, lse = halo_attention(q, k, v, group, layout, span, scale, backend, docs)
+    else:
+        out, lse = _RingAttention.apply(q, k, v, group, layout, span, scale, backend, docs)
     return (out, lse) if return_lse else out

@@ -15,9 +15,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import attention
+from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attention
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import all_to_all
+from lsts.parallel.ring import document_fields
 from lsts.parallel.sharding import layout_indices
 
 
@@ -36,6 +37,14 @@ def check_heads(n_heads: int, world: int, what: str = "ulysses") -> None:
         raise ValueError(
             f"{what} attention splits the {n_heads} query heads over {world} ranks, which does not divide; "
             f"use a sequence-parallel degree that divides {n_heads}, or ring attention"
+        )
+
+
+def check_unshifted(span: Span, world: int, what: str) -> None:
+    if span.shifts_heads and world > 1:
+        raise ValueError(
+            f"span {span.kind!r} shifts the groups of half of the heads, which {what} attention splits over "
+            f"{world} ranks; use ring attention (cp_ulysses = 1) for LongLoRA / SinkLoRA spans"
         )
 
 
@@ -65,21 +74,34 @@ def ulysses_attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    span: Span | None = None,
+    cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
 ):
     """All-to-all head-sharded attention over ``group``: ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` -> ``out [B, S_local, H, D]``
-    (and ``lse [B, H, S_local]`` float32 when ``return_lse``). Needs ``H % P == 0``."""
+    (and ``lse [B, H, S_local]`` float32 when ``return_lse``). Needs ``H % P == 0``.
+
+    ``span`` (overrides ``causal``) and ``cu_seqlens`` (documents of the global sequence) apply to
+    the whole sequence each rank gathers; spans that shift half of the heads (s2, sf) need the
+    head index, which a head shard lacks: use ring attention for those."""
+    span = span if span is not None else (CAUSAL if causal else FULL)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    def check(w: int) -> None:
+        check_heads(q.shape[2], w)
+        check_unshifted(span, w, "ulysses")
+
+    docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)
     scale, backend = attention_setup(
-        q, k, v, group, layout, causal, softmax_scale, backend, extra_check=lambda w: check_heads(q.shape[2], w)
+        q, k, v, group, layout, span, softmax_scale, backend, extra_check=check, extra_fields=document_fields(docs)
     )
-    world = dist.get_world_size(group)
     k, v = replicate_kv_heads(k, v, world)
     qh, kh, vh = (heads_to_sequence(x, group) for x in (q, k, v))
     order = layout_order(qh.shape[1], world, layout).to(q.device)
     if layout != "contiguous":  # rank order -> global order, for the causal mask
         inverse = torch.argsort(order)
         qh, kh, vh = (x[:, inverse] for x in (qh, kh, vh))
-    out, lse = attention(qh, kh, vh, causal=causal, softmax_scale=scale, backend=backend)
+    out, lse = attention(qh, kh, vh, softmax_scale=scale, backend=backend, span=span, cu_seqlens=docs)
     if layout != "contiguous":
         out, lse = out[:, order], lse[:, :, order]
     out = sequence_to_heads(out, group)

@@ -1,0 +1,70 @@
+"""The parallelize pass: a model that knows nothing of parallelism in, a distributed one out.
+
+Order (as in torchtitan): tensor parallelism, activation checkpointing, then the data-parallel
+engine. Context parallelism needs no change to the modules: the model's attention calls receive an
+`AttentionContext` (see `ParallelDims.attention_context`) that shards the sequence.
+
+Data-parallel engines: FSDP2 (``fully_shard`` per transformer block, then the root) over the
+data-parallel *and* context-parallel ranks, which hold the same weights; or DDP over the same ranks.
+Both average gradients over those ranks, which the trainer compensates for by scaling the loss
+(`gradient_scale`), so the gradient is that of the token-weighted mean loss whatever the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from lsts.parallel.dims import ParallelDims
+
+SUPPORTED_ENGINES = ("fsdp2", "ddp")
+
+
+def check_supported(dims: ParallelDims, dp_engine: str) -> None:
+    """What this pass can build today; a clear error for the rest (before any collective)."""
+    if dims.tp > 1:
+        raise ValueError(f"parallel.tp = {dims.tp}: tensor parallelism is not implemented yet; set parallel.tp=1")
+    if dims.pp > 1:
+        raise ValueError(f"parallel.pp = {dims.pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
+    if dp_engine not in SUPPORTED_ENGINES:
+        raise ValueError(
+            f"parallel.dp_engine = {dp_engine!r} is not implemented yet; choose one of {SUPPORTED_ENGINES}"
+        )
+
+
+def gradient_scale(dims: ParallelDims) -> int:
+    """The engines average gradients over the ``dp_cp`` ranks; the loss is scaled up by as much."""
+    return dims.dp * dims.cp
+
+
+def parallelize(
+    model: torch.nn.Module,
+    dims: ParallelDims,
+    mesh: DeviceMesh,
+    dp_engine: str,
+    activation_checkpoint: str,
+    param_dtype: torch.dtype,
+) -> torch.nn.Module:
+    """Apply activation checkpointing and the data-parallel engine to ``model`` (in place where the
+    engine allows); returns the module to train."""
+    check_supported(dims, dp_engine)
+    if activation_checkpoint != "none":
+        # "selective" would keep the attention output; until it exists both recompute whole blocks.
+        for name, block in model.layers.named_children():
+            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+    if dims.dp * dims.cp == 1:
+        return model
+    if dp_engine == "fsdp2":
+        shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.layers.children():
+            fully_shard(block, mesh=shard_mesh, mp_policy=policy)
+        fully_shard(model, mesh=shard_mesh, mp_policy=policy)
+        return model
+    return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
+
+
+__all__ = ["SUPPORTED_ENGINES", "check_supported", "gradient_scale", "parallelize"]
