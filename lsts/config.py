@@ -125,7 +125,8 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel degrees dp_replicate={self.dp_replicate} × dp_shard={self.dp_shard} × tp={self.tp} × "
                 f"pp={self.pp} × cp_ring={self.cp_ring} × cp_ulysses={self.cp_ulysses} do not multiply to the "
-                f"world size {world_size}; set parallel.dp_shard=-1 or change the degrees"
+                f"world size {world_size}; launch a multiple of {others} ranks or change the degrees"
+                + ("" if self.dp_shard == -1 else " (parallel.dp_shard=-1 fills the rest)")
             )
         return shard
 
@@ -164,7 +165,7 @@ class OptimConfig:
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay")
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas; on the CLI as 0.9,0.95")
     eps: float = _f(1e-8, "AdamW epsilon")
-    warmup_steps: int = _f(10, "linear warmup steps")
+    warmup_steps: int = _f(2, "linear warmup steps")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
 
@@ -173,7 +174,7 @@ class OptimConfig:
 class TrainConfig:
     """The loop."""
 
-    steps: int = _f(50, "optimizer steps")
+    steps: int = _f(10, "optimizer steps")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     seed: int = _f(0, "seed of weights and dropout")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto = bf16 on CUDA, fp32 on CPU")
@@ -185,7 +186,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(25, "steps between checkpoints; 0 = only at the end")
+    every: int = _f(5, "steps between checkpoints; 0 = only at the end")
     keep: int = _f(2, "most recent checkpoints kept; 0 = keep all")
 
 

@@ -19,6 +19,27 @@ from lsts.attention import AttentionContext
 from lsts.parallel.sharding import check_seq_len
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp_ring", "cp_ulysses", "tp")
+FLATTENED = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "cp": ("cp_ring", "cp_ulysses"),
+    "dp_shard_cp": ("dp_shard", "cp_ring", "cp_ulysses"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp_ring", "cp_ulysses"),
+}
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The named DeviceMesh and its flattened axes, looked up by name alike: ``mesh["cp_ring"]``,
+    ``mesh["dp_cp"]`` (torch keeps flattened meshes apart from the root; slicing them out of the
+    root again is deprecated)."""
+
+    root: DeviceMesh
+    flat: dict[str, DeviceMesh]
+
+    def __getitem__(self, names: str | tuple[str, ...]) -> DeviceMesh:
+        if isinstance(names, str) and names in self.flat:
+            return self.flat[names]
+        return self.root[names]
 
 
 @dataclass(frozen=True)
@@ -82,17 +103,14 @@ class ParallelDims:
     def check_seq_len(self, seq_len: int, layout: str) -> None:
         check_seq_len(seq_len, layout, self.cp)
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
+    def build_mesh(self, device_type: str) -> ParallelMesh:
         """The named mesh over every axis (size-1 axes included, so names never depend on the run),
-        plus the flattened ``dp``, ``cp`` and ``dp_shard_cp`` axes."""
+        plus the flattened axes (see the module docstring)."""
         mesh = init_device_mesh(device_type, tuple(self.degrees.values()), mesh_dim_names=AXES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["cp_ring", "cp_ulysses"]._flatten("cp")
-        mesh["dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_cp")
-        return mesh
+        flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items()}
+        return ParallelMesh(mesh, flat)
 
-    def attention_context(self, mesh: DeviceMesh | None, backend: str, layout: str) -> AttentionContext:
+    def attention_context(self, mesh: ParallelMesh | None, backend: str, layout: str) -> AttentionContext:
         """Local attention without context parallelism; ring, Ulysses or both over the mesh's cp axes."""
         if self.cp == 1:
             return AttentionContext("local", backend, layout)
@@ -105,4 +123,4 @@ class ParallelDims:
         return asdict(self)
 
 
-__all__ = ["AXES", "ParallelDims"]
+__all__ = ["AXES", "FLATTENED", "ParallelDims", "ParallelMesh"]

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from lsts.parallel.dims import ParallelDims
+from lsts.parallel.dims import ParallelDims, ParallelMesh
 
 SUPPORTED_ENGINES = ("fsdp2", "ddp")
 
@@ -43,7 +42,7 @@ def gradient_scale(dims: ParallelDims) -> int:
 def parallelize(
     model: torch.nn.Module,
     dims: ParallelDims,
-    mesh: DeviceMesh,
+    mesh: ParallelMesh,
     dp_engine: str,
     activation_checkpoint: str,
     param_dtype: torch.dtype,

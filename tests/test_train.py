@@ -1,0 +1,121 @@
+"""The trainer end to end on gloo ranks with a tiny MASFormer: metrics, parity of the parallel
+layouts against one process (loss and gradient norm per step), bit-exact resume, and the start-up
+errors. Runs read their numbers back from ``metrics.jsonl``, as a user would."""
+
+import json
+import os
+
+import pytest
+
+from lsts.config import load_config
+from tests.distributed import errors_on_all_ranks, run_ranks
+
+TINY = [
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.full_layers=top",
+    "--model.n_full=1",
+    "--model.span_size=24",
+    "--optim.warmup_steps=1",
+    "--optim.lr=3e-3",
+    "--checkpoint.every=2",
+    "--metrics.tensorboard=false",
+    "--metrics.progress_bar=false",
+    "--kernels.attention=torch",
+    "--kernels.loss=torch",
+]
+
+
+def _cfg(out, *extra):
+    return load_config([*TINY, "--seq-len=128", "--steps=3", f"--out={out}", *extra])
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _train_on_ranks(rank, world, out, extra):
+    from lsts.train.trainer import train
+
+    return train(_cfg(out, *extra))
+
+
+def _run(tmp_path, name, world, *extra):
+    out = str(tmp_path / name)
+    run_ranks(_train_on_ranks, world, out, list(extra))
+    return _metrics(out)
+
+
+def _assert_same_run(a, b, tol=2e-5):
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= tol * abs(y[key]), (key, x, y)
+
+
+def test_single_process_run_writes_metrics_config_and_checkpoint(tmp_path):
+    rows = _run(tmp_path, "one", 1, "--steps=4")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"step", "loss", "tokens_per_sec", "mem_gib", "grad_norm", "lr"} <= r.keys()
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert os.path.exists(tmp_path / "one" / "config.yaml")
+    assert any(p.startswith("step-000004") for p in os.listdir(tmp_path / "one" / "checkpoints"))
+
+
+@pytest.mark.parametrize(
+    "layout_args",
+    [
+        pytest.param(["--parallel.cp_ring=2"], id="ring"),
+        pytest.param(["--parallel.cp_ulysses=2"], id="ulysses"),
+    ],
+)
+def test_context_parallel_equals_one_process(tmp_path, layout_args):
+    one = _run(tmp_path, "cp1", 1)
+    two = _run(tmp_path, "cp2", 2, *layout_args)
+    _assert_same_run(two, one)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_data_parallel_equals_one_process_with_the_same_batch(tmp_path, engine):
+    one = _run(tmp_path, "dp1", 1, "--data.batch_size=2")
+    two = _run(tmp_path, "dp2", 2, "--data.batch_size=1", f"--parallel.dp_engine={engine}")
+    _assert_same_run(two, one)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = _run(tmp_path, "straight", 2, "--parallel.cp_ring=2", "--steps=4")
+    out = str(tmp_path / "resumed")
+    run_ranks(_train_on_ranks, 2, out, ["--parallel.cp_ring=2", "--steps=2"])
+    run_ranks(_train_on_ranks, 2, out, ["--parallel.cp_ring=2", "--steps=4", "--resume"])
+    resumed = _metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+
+
+def test_resume_reshards_cp2_checkpoint_into_one_process(tmp_path):
+    out = str(tmp_path / "reshard")
+    run_ranks(_train_on_ranks, 2, out, ["--parallel.cp_ring=2", "--steps=2"])
+    run_ranks(_train_on_ranks, 1, out, ["--steps=3", "--resume"])
+    straight = _run(tmp_path, "straight", 1)
+    _assert_same_run(_metrics(out)[-1:], straight[-1:])
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        pytest.param(["--parallel.cp_ring=3", "--seq-len=132"], "world size 2", id="world-mismatch"),
+        pytest.param(["--parallel.cp_ring=2", "--seq-len=130"], "multiple of 4", id="seq-len"),
+        pytest.param(
+            ["--parallel.cp_ulysses=2", "--model.dim=24", "--model.n_heads=3", "--model.n_kv_heads=1"],
+            "cp_ulysses",
+            id="heads",
+        ),
+    ],
+)
+def test_bad_runs_fail_on_every_rank_with_the_fix(tmp_path, extra, match):
+    errors = errors_on_all_ranks(_train_on_ranks, 2, str(tmp_path / "bad"), extra)
+    assert all(match in e for e in errors), errors
