@@ -86,6 +86,25 @@ def test_data_parallel_equals_one_process_with_the_same_batch(tmp_path, engine):
     _assert_same_run(two, one)
 
 
+def test_tensor_parallel_equals_one_process(tmp_path):
+    one = _run(tmp_path, "tp1", 1)
+    two = _run(tmp_path, "tp2", 2, "--parallel.tp=2")
+    _assert_same_run(two, one)
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        pytest.param(["--parallel.dp_shard=2", "--parallel.cp_ring=2", "--data.batch_size=1"], id="dp2xcp2"),
+        pytest.param(["--parallel.tp=2", "--parallel.cp_ring=2", "--data.batch_size=2"], id="tp2xcp2"),
+    ],
+)
+def test_four_rank_mixes_equal_one_process(tmp_path, mix):
+    one = _run(tmp_path, "one", 1, "--data.batch_size=2")
+    four = _run(tmp_path, "four", 4, *mix)
+    _assert_same_run(four, one)
+
+
 def test_resume_is_bit_exact(tmp_path):
     straight = _run(tmp_path, "straight", 2, "--parallel.cp_ring=2", "--steps=4")
     out = str(tmp_path / "resumed")

@@ -1,8 +1,9 @@
 """The parallelize pass: a model that knows nothing of parallelism in, a distributed one out.
 
-Order (as in torchtitan): tensor parallelism, activation checkpointing, then the data-parallel
-engine. Context parallelism needs no change to the modules: the model's attention calls receive an
-`AttentionContext` (see `ParallelDims.attention_context`) that shards the sequence.
+Order (as in torchtitan): tensor parallelism (`apply_tensor_parallel`), activation checkpointing,
+then the data-parallel engine. Context parallelism needs no change to the modules: the model's
+attention calls receive an `AttentionContext` (see `ParallelDims.attention_context`) that shards
+the sequence.
 
 Data-parallel engines: FSDP2 (``fully_shard`` per transformer block, then the root) over the
 data-parallel *and* context-parallel ranks, which hold the same weights; or DDP over the same ranks.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
 from lsts.parallel.dims import ParallelDims, ParallelMesh
@@ -24,14 +26,34 @@ SUPPORTED_ENGINES = ("fsdp2", "ddp")
 
 def check_supported(dims: ParallelDims, dp_engine: str) -> None:
     """What this pass can build today; a clear error for the rest (before any collective)."""
-    if dims.tp > 1:
-        raise ValueError(f"parallel.tp = {dims.tp}: tensor parallelism is not implemented yet; set parallel.tp=1")
+    if dims.tp > 1 and dp_engine == "ddp" and dims.dp * dims.cp > 1:
+        raise ValueError(
+            "parallel.tp > 1 with parallel.dp_engine=ddp: DDP does not take the tensor-parallel (DTensor) "
+            "parameters; use dp_engine=fsdp2"
+        )
     if dims.pp > 1:
         raise ValueError(f"parallel.pp = {dims.pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
     if dp_engine not in SUPPORTED_ENGINES:
         raise ValueError(
             f"parallel.dp_engine = {dp_engine!r} is not implemented yet; choose one of {SUPPORTED_ENGINES}"
         )
+
+
+def apply_tensor_parallel(model: torch.nn.Module, tp_mesh) -> None:
+    """Megatron-style tensor parallelism on every block: q/k/v and the SwiGLU input projections
+    split by output features (heads), the output projections by input features, so each block costs
+    one all-reduce in forward and one in backward; norms and embeddings stay replicated."""
+    plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(),
+    }
+    for block in model.layers.children():
+        parallelize_module(block, tp_mesh, plan)
 
 
 def gradient_scale(dims: ParallelDims) -> int:
@@ -50,6 +72,8 @@ def parallelize(
     """Apply activation checkpointing and the data-parallel engine to ``model`` (in place where the
     engine allows); returns the module to train."""
     check_supported(dims, dp_engine)
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     if activation_checkpoint != "none":
         # "selective" would keep the attention output; until it exists both recompute whole blocks.
         for name, block in model.layers.named_children():
@@ -66,4 +90,4 @@ def parallelize(
     return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
 
 
-__all__ = ["SUPPORTED_ENGINES", "check_supported", "gradient_scale", "parallelize"]
+__all__ = ["SUPPORTED_ENGINES", "apply_tensor_parallel", "check_supported", "gradient_scale", "parallelize"]

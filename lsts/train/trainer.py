@@ -226,10 +226,17 @@ def _step(cfg, model, core, ctx, batches, dims, dp_cp_group, device, dtype) -> t
 
 
 def _clip(model, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm
-        norm = norm.full_tensor()
+    """Global gradient norm over every parameter — plain, FSDP-sharded or tensor-parallel DTensor
+    alike (a DTensor's norm is reduced over its mesh) — then clip in place to ``max_norm``."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    squares = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g, dtype=torch.float32)
+        squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
+    norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
     return float(norm)
 
 
