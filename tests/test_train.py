@@ -1,13 +1,16 @@
 """The trainer end to end on gloo ranks with a tiny MASFormer: metrics, parity of the parallel
-layouts against one process (loss and gradient norm per step), bit-exact resume, and the start-up
-errors. Runs read their numbers back from ``metrics.jsonl``, as a user would."""
+layouts and data-parallel engines (FSDP2, DDP, DeepSpeed ZeRO 1-3) against one process (loss and
+gradient norm per step), bit-exact resume, and the start-up errors. Runs read their numbers back
+from ``metrics.jsonl``, as a user would."""
 
 import json
+import math
 import os
 
 import pytest
 
 from lsts.config import load_config
+from lsts.train.checkpoint import latest_checkpoint
 from tests.distributed import errors_on_all_ranks, run_ranks
 
 TINY = [
@@ -86,6 +89,20 @@ def test_data_parallel_equals_one_process_with_the_same_batch(tmp_path, engine):
     _assert_same_run(two, one)
 
 
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+def test_deepspeed_zero_equals_one_process_with_the_same_batch(tmp_path, engine):
+    one = _run(tmp_path, "dp1", 1, "--data.batch_size=2")
+    two = _run(tmp_path, "zero", 2, "--data.batch_size=1", f"--parallel.dp_engine={engine}")
+    _assert_same_run(two, one)
+
+
+def test_deepspeed_zero_over_context_parallel_ranks_with_accumulation_equals_one_process(tmp_path):
+    # Two backward calls per optimizer step: DeepSpeed must not divide them by its accumulation steps.
+    one = _run(tmp_path, "cp1", 1, "--train.grad_accum=2")
+    two = _run(tmp_path, "zero-cp2", 2, "--train.grad_accum=2", "--parallel.cp_ring=2", "--parallel.dp_engine=zero2")
+    _assert_same_run(two, one)
+
+
 def test_tensor_parallel_equals_one_process(tmp_path):
     one = _run(tmp_path, "tp1", 1)
     two = _run(tmp_path, "tp2", 2, "--parallel.tp=2")
@@ -115,6 +132,63 @@ def test_resume_is_bit_exact(tmp_path):
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
 
 
+def test_deepspeed_zero_resume_is_bit_exact(tmp_path):
+    zero2 = ["--parallel.dp_engine=zero2", "--data.batch_size=1"]
+    straight = _run(tmp_path, "straight", 2, *zero2, "--steps=4")
+    out = str(tmp_path / "resumed")
+    run_ranks(_train_on_ranks, 2, out, [*zero2, "--steps=2"])
+    assert latest_checkpoint(out).name == "step-000002"
+    run_ranks(_train_on_ranks, 2, out, [*zero2, "--steps=4", "--resume"])
+    resumed = _metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [(m["loss"], m["grad_norm"]) for m in resumed] == [(m["loss"], m["grad_norm"]) for m in straight]
+
+
+def test_deepspeed_zero_checkpoint_refuses_another_world_size_or_engine(tmp_path):
+    out = str(tmp_path / "zero")
+    run_ranks(_train_on_ranks, 2, out, ["--parallel.dp_engine=zero2", "--data.batch_size=1", "--steps=1"])
+    errors = errors_on_all_ranks(_train_on_ranks, 1, out, ["--parallel.dp_engine=zero2", "--steps=2", "--resume"])
+    assert all("ds_to_universal" in e for e in errors), errors
+    errors = errors_on_all_ranks(_train_on_ranks, 2, out, ["--data.batch_size=1", "--steps=2", "--resume"])
+    assert all("'deepspeed-zero2' engine state" in e for e in errors), errors
+
+
+def _zero_step_with_a_nan_gradient(rank, world, engine):
+    import deepspeed
+    import torch
+
+    from lsts.train.zero import ZeroUpdate
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    update = ZeroUpdate(
+        model,
+        _cfg("unused", f"--parallel.dp_engine={engine}"),
+        torch.device("cpu"),
+        torch.float32,
+        loss_fn=lambda m, x, *_: m(x).square().sum(),
+        schedule=lambda step: 1.0,
+        backward_calls=1,
+        dp_cp_size=world,
+    )
+    model.weight.register_hook(lambda g: torch.full_like(g, float("nan")))  # the loss stays finite
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        before = [p.detach().clone() for p in model.parameters()]
+    loss = update.loss(torch.ones(2, 8), None, None, None)
+    update.backward(loss)
+    grad_norm, _, applied = update.step()
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    return float(loss), grad_norm, applied, unchanged, update.scheduler.last_epoch
+
+
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+def test_deepspeed_zero_skips_a_non_finite_gradient(engine):
+    [(loss, grad_norm, applied, unchanged, scheduler_steps)] = run_ranks(_zero_step_with_a_nan_gradient, 1, engine)
+    assert math.isfinite(loss) and not math.isfinite(grad_norm)
+    assert not applied and unchanged and scheduler_steps == 0
+
+
 def test_resume_reshards_cp2_checkpoint_into_one_process(tmp_path):
     out = str(tmp_path / "reshard")
     run_ranks(_train_on_ranks, 2, out, ["--parallel.cp_ring=2", "--steps=2"])
@@ -133,6 +207,7 @@ def test_resume_reshards_cp2_checkpoint_into_one_process(tmp_path):
             "cp_ulysses",
             id="heads",
         ),
+        pytest.param(["--parallel.tp=2", "--parallel.dp_engine=zero2"], "set tp=1 and pp=1", id="zero-with-tp"),
     ],
 )
 def test_bad_runs_fail_on_every_rank_with_the_fix(tmp_path, extra, match):

@@ -9,6 +9,9 @@ Data-parallel engines: FSDP2 (``fully_shard`` per transformer block, then the ro
 data-parallel *and* context-parallel ranks, which hold the same weights; or DDP over the same ranks.
 Both average gradients over those ranks, which the trainer compensates for by scaling the loss
 (`gradient_scale`), so the gradient is that of the token-weighted mean loss whatever the engine.
+DeepSpeed ZeRO 1-3 average over the same ranks, but its engine owns the optimizer as well, so this
+pass leaves the model unwrapped for it and `lsts.train.zero` builds the engine; it runs only
+without tensor and pipeline parallelism, where those ranks are the whole world.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lsts.parallel.dims import ParallelDims, ParallelMesh
 
-SUPPORTED_ENGINES = ("fsdp2", "ddp")
+SUPPORTED_ENGINES = ("fsdp2", "ddp", "zero1", "zero2", "zero3")
 
 
 def check_supported(dims: ParallelDims, dp_engine: str) -> None:
@@ -30,6 +33,12 @@ def check_supported(dims: ParallelDims, dp_engine: str) -> None:
         raise ValueError(
             "parallel.tp > 1 with parallel.dp_engine=ddp: DDP does not take the tensor-parallel (DTensor) "
             "parameters; use dp_engine=fsdp2"
+        )
+    if dp_engine.startswith("zero") and (dims.tp > 1 or dims.pp > 1):
+        raise ValueError(
+            f"parallel.tp = {dims.tp}, parallel.pp = {dims.pp} with parallel.dp_engine={dp_engine}: lsts runs "
+            "DeepSpeed ZeRO over data- and context-parallel ranks only; set tp=1 and pp=1, or use dp_engine=fsdp2 "
+            "for tensor parallelism"
         )
     if dims.pp > 1:
         raise ValueError(f"parallel.pp = {dims.pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
@@ -78,7 +87,7 @@ def parallelize(
         # "selective" would keep the attention output; until it exists both recompute whole blocks.
         for name, block in model.layers.named_children():
             model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
-    if dims.dp * dims.cp == 1:
+    if dims.dp * dims.cp == 1 or dp_engine.startswith("zero"):
         return model
     if dp_engine == "fsdp2":
         shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]

@@ -26,6 +26,11 @@ Limits: ``out`` must be one filesystem that every rank sees (DCP writes each ran
 The data loader's state is stored once, not per rank, so it must describe a global position (as a
 global sample index does); a save checks that all ranks agree. RNG states are per rank; a resume on
 a different world size re-seeds the ranks that have no saved state, and says so.
+
+Engines whose state DCP cannot see (DeepSpeed ZeRO's partitioned optimizer state and parameters)
+plug in an `EngineState`: it writes the model, optimizer and scheduler into the same ``step-N.tmp``
+directory with its own format, under the same marker, rename and retention; the marker names it, and
+a load refuses a checkpoint written by another kind of engine state.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -75,6 +80,22 @@ class CheckpointInfo:
     time: float = 0.0
     extra: dict = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
+    engine_state: str = ""  # the `EngineState.name` that wrote the model and optimizer; "" = DCP
+
+
+class EngineState(Protocol):
+    """Model, optimizer and scheduler state that an engine saves and loads itself, instead of DCP.
+
+    Both calls are collective over every rank. ``save`` writes into ``directory`` (the checkpoint
+    being written; DCP's files sit beside it); ``load`` reads it back and raises ValueError for a
+    checkpoint it cannot take (``info`` says on how many ranks, in which layout, it was saved).
+    """
+
+    name: str
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path, info: CheckpointInfo) -> None: ...
 
 
 def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
@@ -128,6 +149,7 @@ class Checkpointer:
 
     ``seed`` re-seeds ranks that find no saved RNG state on a resharded resume; ``parallel_dims``
     (a JSON-able dict such as ``{"dp": 2, "cp": 2}``) is recorded in each marker for the reader.
+    With ``engine_state``, it saves and loads the model, optimizer and scheduler: pass None for those.
     """
 
     def __init__(
@@ -139,6 +161,7 @@ class Checkpointer:
         *,
         seed: int = 0,
         parallel_dims: dict | None = None,
+        engine_state: EngineState | None = None,
     ) -> None:
         if every < 0 or keep < 0:
             raise ValueError(f"checkpoint every ({every}) and keep ({keep}) must be >= 0; 0 = at the end / keep all")
@@ -147,12 +170,13 @@ class Checkpointer:
         self.every, self.keep, self.group = every, keep, process_group
         self.seed = seed
         self.parallel_dims = dict(parallel_dims or {})
+        self.engine_state = engine_state
         self._last_saved: int | None = None
 
     def maybe_save(
         self,
         step: int,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         data_loader: Any = None,
@@ -178,7 +202,7 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         data_loader: Any = None,
@@ -189,8 +213,9 @@ class Checkpointer:
         final = self.dir / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         info = CheckpointInfo(step, _world_size(), self.parallel_dims, time.time(), dict(extra or {}))
+        info.engine_state = self.engine_state.name if self.engine_state else ""
         json.dumps(info.__dict__)  # a non-JSON extra fails here, before any rank writes a byte
-        state = _state_dicts(model, optimizer, scheduler, data_loader)
+        state = self._state_dicts(model, optimizer, scheduler, data_loader)
         if data_loader is not None:
             _check_same_on_all_ranks(state["dataloader"], "data loader state", self.group)
 
@@ -198,6 +223,8 @@ class Checkpointer:
         state["rng"] = {f"rank{_global_rank()}": _rng_state()}
         with _single_process_is_intended():
             dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
+        if self.engine_state is not None:
+            self.engine_state.save(tmp)
         # dcp.save ends collectively already; the barrier states the ordering without relying on that.
         _barrier(self.group)
         _on_rank0(lambda: self._commit(tmp, final, info), self.group)
@@ -208,7 +235,7 @@ class Checkpointer:
 
     def load_latest(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         data_loader: Any = None,
@@ -224,7 +251,7 @@ class Checkpointer:
     def load(
         self,
         path: str | os.PathLike,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         data_loader: Any = None,
@@ -237,11 +264,14 @@ class Checkpointer:
         path = Path(path)
         info = read_info(path)
         _check_files(path, info)
+        self._check_engine_state(path, info)
         keys = _saved_keys(path)
-        state = _state_dicts(model, optimizer, scheduler, data_loader)
+        state = self._state_dicts(model, optimizer, scheduler, data_loader)
         for section in state:
             if not any(k == section or k.startswith(section + ".") for k in keys):
                 raise ValueError(f"checkpoint {path} holds no {section!r} state (saved without it); pass None for it")
+        if self.engine_state is not None:  # first: it refuses what it cannot take before anything is read
+            self.engine_state.load(path, info)
         rank = _global_rank()
         own_rng = f"rng.rank{rank}."
         rng_parts = {k[len(own_rng) :] for k in keys if k.startswith(own_rng)}
@@ -258,6 +288,20 @@ class Checkpointer:
         if _group_rank(self.group) == 0:
             _log_resume(path, info)
         return info.step
+
+    def _state_dicts(self, model, optimizer, scheduler, data_loader) -> dict[str, Any]:
+        if self.engine_state is not None and not (model is optimizer is scheduler is None):
+            name = self.engine_state.name
+            raise ValueError(f"the engine state {name!r} holds the model, optimizer and scheduler; pass None for them")
+        return _state_dicts(model, optimizer, scheduler, data_loader)
+
+    def _check_engine_state(self, path: Path, info: CheckpointInfo) -> None:
+        ours = self.engine_state.name if self.engine_state else ""
+        if info.engine_state != ours:
+            raise ValueError(
+                f"checkpoint {path} holds the model and optimizer as {_engine_kind(info.engine_state)}, but this "
+                f"run keeps them as {_engine_kind(ours)}; resume it with the data-parallel engine that saved it"
+            )
 
     def _restore_rng(self, state: dict, rank: int, info: CheckpointInfo) -> None:
         if "rng" in state:
@@ -294,6 +338,10 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _engine_kind(name: str) -> str:
+    return f"{name!r} engine state" if name else "torch.distributed.checkpoint state dicts"
+
+
 def _check_parts(scheduler, data_loader) -> None:
     for name, obj in (("scheduler", scheduler), ("data loader", data_loader)):
         if obj is not None and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
@@ -308,7 +356,9 @@ def _state_dicts(model, optimizer, scheduler, data_loader) -> dict[str, Any]:
     wrapper (FSDP2, DDP, none) and sharded tensors as DTensors, which is what lets a load reshard.
     """
     _check_parts(scheduler, data_loader)
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    state: dict[str, Any] = {}
+    if model is not None:
+        state["model"] = get_model_state_dict(model)
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     if scheduler is not None:
@@ -321,7 +371,8 @@ def _state_dicts(model, optimizer, scheduler, data_loader) -> dict[str, Any]:
 def _apply_state(state, model, optimizer, scheduler, data_loader) -> None:
     """Hand what was read to its owners. Outside DCP on purpose: their own errors (a data stream of
     another config, a model of another shape) reach the caller unwrapped."""
-    set_model_state_dict(model, state["model"])
+    if model is not None:
+        set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     if scheduler is not None:
@@ -515,6 +566,7 @@ __all__ = [
     "MARKER",
     "CheckpointInfo",
     "Checkpointer",
+    "EngineState",
     "checkpoint_dir",
     "complete_checkpoints",
     "latest_checkpoint",

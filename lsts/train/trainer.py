@@ -3,11 +3,16 @@ data -> steps with a token-weighted loss, a non-finite guard, metrics and atomic
 
 Every rank validates the whole configuration against the world before the first collective, so a
 bad value is the same clear `ValueError` everywhere, never a hang.
+
+The optimizer step has two implementations with the same calls: `TorchUpdate` (AdamW and the
+schedule on the FSDP2, DDP or plain module; lsts clips and guards) and `lsts.train.zero.ZeroUpdate`
+(a DeepSpeed ZeRO engine, which backpropagates, clips and steps itself).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import sys
@@ -17,12 +22,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from lsts.config import Config, load_config
+from lsts.config import Config, KernelsConfig, load_config
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
 from lsts.parallel.comm import init_process_group
 from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
+from lsts.train import zero
 from lsts.train.checkpoint import Checkpointer
 from lsts.train.data import build_data
 from lsts.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib
@@ -70,6 +76,8 @@ def check_run(cfg: Config, dims: ParallelDims, world: int) -> None:
     """Everything about the world, the model and the sequence that can be wrong, before collectives."""
     dims.validate(world)
     check_supported(dims, cfg.parallel.dp_engine)
+    if cfg.parallel.dp_engine in zero.ZERO_STAGES:
+        zero.check_config(cfg)
     dims.check_model(cfg.model.n_heads, cfg.model.n_kv_heads)
     dims.check_seq_len(cfg.data.seq_len, cfg.parallel.layout)
 
@@ -118,14 +126,8 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
     model = parallelize(
         model, dims, mesh, cfg.parallel.dp_engine, cfg.parallel.activation_checkpoint, param_dtype=dtype
     )
-    if dims.dp * dims.cp == 1 and dtype != torch.float32:
-        model = model.to(dtype)
-    core = model.module if hasattr(model, "module") else model
     ctx = dims.attention_context(mesh, cfg.kernels.attention, cfg.parallel.layout)
-
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    update = _build_update(cfg, model, dims, device, dtype)
     data = build_data(
         cfg.data,
         dp_rank=dp_rank,
@@ -136,13 +138,19 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
         vocab_size=cfg.model.vocab_size,
     )
     ckpt = Checkpointer(
-        cfg.train.out, cfg.checkpoint.every, cfg.checkpoint.keep, seed=cfg.train.seed, parallel_dims=dims.to_dict()
+        cfg.train.out,
+        cfg.checkpoint.every,
+        cfg.checkpoint.keep,
+        seed=cfg.train.seed,
+        parallel_dims=dims.to_dict(),
+        engine_state=update if isinstance(update, zero.ZeroUpdate) else None,
     )
     start = 0
     if cfg.train.resume:
-        start = ckpt.load_latest(model, optimizer, scheduler, data) or 0
+        start = ckpt.load_latest(*update.checkpoint_parts, data) or 0
         # The saved learning rate followed the saved run's schedule; continue on this run's schedule.
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        scheduler = update.scheduler
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
     logger = MetricsLogger(
         cfg.train.out,
@@ -160,17 +168,12 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            loss, n_tokens = _step(cfg, model, core, ctx, batches, dims, dp_cp_group, device, dtype)
-            grad_norm = _clip(model, cfg.optim.grad_clip)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise NonFiniteError(
-                    f"step {step}: loss {loss}, gradient norm {grad_norm}; the optimizer did not step and the "
-                    f"last checkpoint in {cfg.train.out} is intact. Lower optim.lr or check the data, then --resume"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            loss, n_tokens = _step(cfg, update, ctx, batches, dims, dp_cp_group, device)
+            if not math.isfinite(loss):  # before the update, which with ZeRO also computes the norm
+                raise _non_finite(step, loss, "not computed", cfg.train.out)
+            grad_norm, lr, applied = update.step()
+            if not applied:
+                raise _non_finite(step, loss, grad_norm, cfg.train.out)
             elapsed = time.perf_counter() - t0
             tokens_per_sec = n_tokens / elapsed
             metrics = {
@@ -184,13 +187,84 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
             metrics["mfu"] = mfu(flops_per_token, tokens_per_sec, world, peak)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, **metrics)
-            ckpt.maybe_save(step, model, optimizer, scheduler, data, force=step == cfg.train.steps)
+            ckpt.maybe_save(step, *update.checkpoint_parts, data, force=step == cfg.train.steps)
     finally:
         logger.close()
     return {"step": cfg.train.steps, **metrics}
 
 
-def _step(cfg, model, core, ctx, batches, dims, dp_cp_group, device, dtype) -> tuple[float, int]:
+def _non_finite(step: int, loss: float, grad_norm, out: str) -> NonFiniteError:
+    return NonFiniteError(
+        f"step {step}: loss {loss}, gradient norm {grad_norm}; the optimizer did not step and the "
+        f"last checkpoint in {out} is intact. Lower optim.lr or check the data, then --resume"
+    )
+
+
+def _build_update(cfg: Config, model: torch.nn.Module, dims: ParallelDims, device: torch.device, dtype: torch.dtype):
+    """The optimizer step of the configured engine: `TorchUpdate` or a DeepSpeed `ZeroUpdate`."""
+    if cfg.parallel.dp_engine in zero.ZERO_STAGES:
+        return zero.ZeroUpdate(
+            model,
+            cfg,
+            device,
+            dtype,
+            loss_fn=functools.partial(lm_loss, cfg.kernels),
+            schedule=lr_lambda(cfg),
+            backward_calls=cfg.train.grad_accum * cfg.data.batch_size,
+            dp_cp_size=dims.dp * dims.cp,
+        )
+    if dims.dp * dims.cp == 1 and dtype != torch.float32:
+        model = model.to(dtype)
+    return TorchUpdate(model, cfg)
+
+
+def lm_loss(kernels: KernelsConfig, model: torch.nn.Module, tokens, positions, ctx, labels) -> torch.Tensor:
+    """Summed next-token loss of one row: the hidden states through the chunked vocabulary
+    projection, so that ``[tokens, vocab]`` logits never exist whole."""
+    core = model.module if hasattr(model, "module") else model  # DDP wraps; the weight is the model's
+    hidden = model(tokens, positions, ctx)
+    loss, _ = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        core.output_weight.to(hidden.dtype),
+        labels,
+        reduction="sum",
+        chunk_size=kernels.loss_chunk_size,
+        backend=kernels.loss,
+    )
+    return loss
+
+
+class TorchUpdate:
+    """AdamW and the LambdaLR schedule on the FSDP2-, DDP-wrapped or plain module; the gradient is
+    clipped and checked here, before the optimizer steps."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
+        o = cfg.optim
+        self.model, self.grad_clip = model, o.grad_clip
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.loss = functools.partial(lm_loss, cfg.kernels, model)
+        self.checkpoint_parts = (model, self.optimizer, self.scheduler)  # what the Checkpointer saves
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> tuple[float, float, bool]:
+        """Clip and update: ``(gradient norm, learning rate used, applied)``; a non-finite gradient
+        norm is not applied."""
+        grad_norm = _clip(self.model, self.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        if not math.isfinite(grad_norm):
+            return grad_norm, lr, False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm, lr, True
+
+
+def _step(cfg, update, ctx, batches, dims, dp_cp_group, device) -> tuple[float, int]:
     """Forward and backward of ``grad_accum`` micro-batches; returns the token-weighted mean loss
     over all data- and context-parallel ranks and the number of tokens it averaged."""
     micro = []
@@ -208,18 +282,14 @@ def _step(cfg, model, core, ctx, batches, dims, dp_cp_group, device, dtype) -> t
     for batch in micro:
         for row in range(batch.tokens.shape[0]):
             row_ctx = ctx.with_documents(batch.cu_seqlens[row] if cfg.data.doc_masking else None)
-            tokens = batch.tokens[row : row + 1].to(device)
-            hidden = model(tokens, batch.positions[row : row + 1].to(device), row_ctx)
-            loss, _ = linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]),
-                core.output_weight.to(hidden.dtype),
+            loss = update.loss(
+                batch.tokens[row : row + 1].to(device),
+                batch.positions[row : row + 1].to(device),
+                row_ctx,
                 batch.labels[row].to(device),
-                reduction="sum",
-                chunk_size=cfg.kernels.loss_chunk_size,
-                backend=cfg.kernels.loss,
             )
             # The engines average gradients over the dp x cp ranks: scale so that they sum instead.
-            (loss * (gradient_scale(dims) / n_total)).backward()
+            update.backward(loss * (gradient_scale(dims) / n_total))
             loss_sum += loss.detach().double().cpu()
     dist.all_reduce(loss_sum, group=dp_cp_group)
     return loss_sum.item() / n_total, n_total
