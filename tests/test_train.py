@@ -122,6 +122,29 @@ def test_four_rank_mixes_equal_one_process(tmp_path, mix):
     _assert_same_run(four, one)
 
 
+PIPE = ["--model.tie_embeddings=false", "--model.n_layers=3", "--data.batch_size=2", "--parallel.pp_microbatches=2"]
+
+
+@pytest.mark.parametrize(
+    "layout_args,world",
+    [
+        pytest.param(["--parallel.pp=2"], 2, id="pp2"),
+        pytest.param(["--parallel.pp=2", "--parallel.cp_ring=2"], 4, id="pp2xcp2"),
+    ],
+)
+def test_pipeline_parallel_equals_one_process(tmp_path, layout_args, world):
+    one = _run(tmp_path, "pp1", 1, *PIPE)
+    piped = _run(tmp_path, "pp2", world, *PIPE, *layout_args)
+    _assert_same_run(piped, one)
+
+
+def test_pipeline_checkpoint_resumes_in_one_process(tmp_path):
+    out = str(tmp_path / "reshard")
+    run_ranks(_train_on_ranks, 2, out, [*PIPE, "--parallel.pp=2", "--steps=2"])
+    run_ranks(_train_on_ranks, 1, out, [*PIPE, "--steps=3", "--resume"])
+    _assert_same_run(_metrics(out)[-1:], _run(tmp_path, "straight", 1, *PIPE)[-1:])
+
+
 def test_resume_is_bit_exact(tmp_path):
     straight = _run(tmp_path, "straight", 2, "--parallel.cp_ring=2", "--steps=4")
     out = str(tmp_path / "resumed")

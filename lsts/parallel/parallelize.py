@@ -40,8 +40,6 @@ def check_supported(dims: ParallelDims, dp_engine: str) -> None:
             "DeepSpeed ZeRO over data- and context-parallel ranks only; set tp=1 and pp=1, or use dp_engine=fsdp2 "
             "for tensor parallelism"
         )
-    if dims.pp > 1:
-        raise ValueError(f"parallel.pp = {dims.pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
     if dp_engine not in SUPPORTED_ENGINES:
         raise ValueError(
             f"parallel.dp_engine = {dp_engine!r} is not implemented yet; choose one of {SUPPORTED_ENGINES}"

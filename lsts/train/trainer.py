@@ -28,6 +28,7 @@ from lsts.models.masformer import MASFormer
 from lsts.parallel.comm import init_process_group
 from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
+from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
 from lsts.train import zero
 from lsts.train.checkpoint import Checkpointer
 from lsts.train.data import build_data
@@ -80,6 +81,12 @@ def check_run(cfg: Config, dims: ParallelDims, world: int) -> None:
         zero.check_config(cfg)
     dims.check_model(cfg.model.n_heads, cfg.model.n_kv_heads)
     dims.check_seq_len(cfg.data.seq_len, cfg.parallel.layout)
+    check_pipeline(dims.pp, cfg.model.n_layers, cfg.model.tie_embeddings)
+    if dims.pp > 1 and cfg.parallel.pp_microbatches != cfg.data.batch_size:
+        raise ValueError(
+            f"parallel.pp_microbatches ({cfg.parallel.pp_microbatches}) must equal data.batch_size "
+            f"({cfg.data.batch_size}): each row of a batch is one pipeline micro-batch"
+        )
 
 
 def lr_lambda(cfg: Config):
@@ -123,11 +130,13 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
     model = MASFormer(cfg.model, cfg.kernels).to(device)
     model.init_weights(cfg.train.seed)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    if dims.pp > 1:
+        model = split_stage(model, dims.pp, mesh["pp"].get_local_rank())
     model = parallelize(
         model, dims, mesh, cfg.parallel.dp_engine, cfg.parallel.activation_checkpoint, param_dtype=dtype
     )
     ctx = dims.attention_context(mesh, cfg.kernels.attention, cfg.parallel.layout)
-    update = _build_update(cfg, model, dims, device, dtype)
+    update = _build_update(cfg, model, dims, mesh, device, dtype)
     data = build_data(
         cfg.data,
         dp_rank=dp_rank,
@@ -163,12 +172,13 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
     )
     peak = device_peak_flops(device, dtype)
     dp_cp_group = mesh["dp_cp"].get_group()
+    pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
     metrics: dict = {}
     batches = iter(data)
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            loss, n_tokens = _step(cfg, update, ctx, batches, dims, dp_cp_group, device)
+            loss, n_tokens = _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device)
             if not math.isfinite(loss):  # before the update, which with ZeRO also computes the norm
                 raise _non_finite(step, loss, "not computed", cfg.train.out)
             grad_norm, lr, applied = update.step()
@@ -200,8 +210,9 @@ def _non_finite(step: int, loss: float, grad_norm, out: str) -> NonFiniteError:
     )
 
 
-def _build_update(cfg: Config, model: torch.nn.Module, dims: ParallelDims, device: torch.device, dtype: torch.dtype):
-    """The optimizer step of the configured engine: `TorchUpdate` or a DeepSpeed `ZeroUpdate`."""
+def _build_update(cfg: Config, model: torch.nn.Module, dims: ParallelDims, mesh, device, dtype: torch.dtype):
+    """The optimizer step of the configured engine: `TorchUpdate` (with a pipeline runner when
+    pp > 1) or a DeepSpeed `ZeroUpdate`."""
     if cfg.parallel.dp_engine in zero.ZERO_STAGES:
         return zero.ZeroUpdate(
             model,
@@ -215,7 +226,17 @@ def _build_update(cfg: Config, model: torch.nn.Module, dims: ParallelDims, devic
         )
     if dims.dp * dims.cp == 1 and dtype != torch.float32:
         model = model.to(dtype)
-    return TorchUpdate(model, cfg)
+    update = TorchUpdate(model, cfg)
+    if dims.pp > 1:
+        pp_group = mesh["pp"].get_group()
+        loss_fn = pipeline_loss(
+            lambda: update.loss_scale, reduction="sum", chunk_size=cfg.kernels.loss_chunk_size, backend=cfg.kernels.loss
+        )
+        update.runner = PipelineRunner(
+            model, mesh["pp"].get_local_rank(), dims.pp, pp_group, device, cfg.data.batch_size, loss_fn
+        )
+        update.pp_group = pp_group
+    return update
 
 
 def lm_loss(kernels: KernelsConfig, model: torch.nn.Module, tokens, positions, ctx, labels) -> torch.Tensor:
@@ -247,6 +268,9 @@ class TorchUpdate:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.loss = functools.partial(lm_loss, cfg.kernels, model)
         self.checkpoint_parts = (model, self.optimizer, self.scheduler)  # what the Checkpointer saves
+        self.runner: PipelineRunner | None = None  # pp > 1: the schedule runs forward and backward
+        self.pp_group = None
+        self.loss_scale = 1.0
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -254,7 +278,7 @@ class TorchUpdate:
     def step(self) -> tuple[float, float, bool]:
         """Clip and update: ``(gradient norm, learning rate used, applied)``; a non-finite gradient
         norm is not applied."""
-        grad_norm = _clip(self.model, self.grad_clip)
+        grad_norm = _clip(self.model, self.grad_clip, self.pp_group)
         lr = self.scheduler.get_last_lr()[0]
         if not math.isfinite(grad_norm):
             return grad_norm, lr, False
@@ -264,7 +288,7 @@ class TorchUpdate:
         return grad_norm, lr, True
 
 
-def _step(cfg, update, ctx, batches, dims, dp_cp_group, device) -> tuple[float, int]:
+def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tuple[float, int]:
     """Forward and backward of ``grad_accum`` micro-batches; returns the token-weighted mean loss
     over all data- and context-parallel ranks and the number of tokens it averaged."""
     micro = []
@@ -279,31 +303,50 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, device) -> tuple[float, 
     if n_total == 0:
         raise ValueError("a step's batches hold no labelled token; check data.seq_len and the corpus")
     loss_sum = torch.zeros((), dtype=torch.float64)
+    # The engines average gradients over the dp x cp ranks: scale so that they sum instead.
+    scale = gradient_scale(dims) / n_total
     for batch in micro:
+        if update.runner is not None:  # the pipeline: one row per micro-batch, the loss on the last stage
+            update.loss_scale = scale
+            side = [
+                (batch.positions[r : r + 1].to(device), _row_ctx(cfg, ctx, batch, r)) for r in range(len(batch.tokens))
+            ]
+            loss_sum += update.runner.run(batch.tokens.to(device), batch.labels.to(device), side)
+            continue
         for row in range(batch.tokens.shape[0]):
-            row_ctx = ctx.with_documents(batch.cu_seqlens[row] if cfg.data.doc_masking else None)
+            row_ctx = _row_ctx(cfg, ctx, batch, row)
             loss = update.loss(
                 batch.tokens[row : row + 1].to(device),
                 batch.positions[row : row + 1].to(device),
                 row_ctx,
                 batch.labels[row].to(device),
             )
-            # The engines average gradients over the dp x cp ranks: scale so that they sum instead.
-            update.backward(loss * (gradient_scale(dims) / n_total))
+            update.backward(loss * scale)
             loss_sum += loss.detach().double().cpu()
     dist.all_reduce(loss_sum, group=dp_cp_group)
+    if pp_group is not None:  # only the last stage holds the loss
+        dist.all_reduce(loss_sum, group=pp_group)
     return loss_sum.item() / n_total, n_total
 
 
-def _clip(model, max_norm: float) -> float:
+def _row_ctx(cfg, ctx, batch, row: int):
+    """The attention context of one row: its packed documents when attention stays inside them."""
+    return ctx.with_documents(batch.cu_seqlens[row] if cfg.data.doc_masking else None)
+
+
+def _clip(model, max_norm: float, pp_group=None) -> float:
     """Global gradient norm over every parameter — plain, FSDP-sharded or tensor-parallel DTensor
-    alike (a DTensor's norm is reduced over its mesh) — then clip in place to ``max_norm``."""
+    alike (a DTensor's norm is reduced over its mesh), summed over the pipeline stages — then clip
+    in place to ``max_norm``."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     squares = []
     for g in grads:
         n = torch.linalg.vector_norm(g, dtype=torch.float32)
         squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
-    norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    norm = total.sqrt()
     if max_norm > 0 and norm > max_norm:
         for g in grads:
             g.mul_(max_norm / (norm + 1e-6))

@@ -150,6 +150,7 @@ class ZeroUpdate:
         self.checkpoint_parts = (None, None, None)  # the engine saves model, optimizer and scheduler itself
         self.backward_calls = backward_calls
         self._calls = 0
+        self.runner = None  # ZeRO runs without pipeline stages (see check_supported)
 
     @property
     def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
