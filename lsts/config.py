@@ -25,7 +25,7 @@ import difflib
 import math
 import sys
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,10 +94,10 @@ class ParallelConfig:
     """Parallel degrees and engines. Checked against the world size when the device mesh is built."""
 
     dp_replicate: int = _f(1, "data-parallel replicas (HSDP outer axis)")
-    dp_shard: int = _f(-1, "data-parallel shards (FSDP axis); -1 = whatever the other degrees leave")
+    dp_shard: int = _f(1, "data-parallel shards (FSDP axis); -1 = whatever the other degrees leave")
     tp: int = _f(1, "tensor-parallel degree")
     pp: int = _f(1, "pipeline-parallel stages")
-    cp_ring: int = _f(1, "context parallelism: ring attention degree")
+    cp_ring: int = _f(-1, "context parallelism: ring attention degree; -1 = whatever the other degrees leave")
     cp_ulysses: int = _f(1, "context parallelism: Ulysses (all-to-all over heads) degree")
     layout: Literal["zigzag", "contiguous", "stripe"] = _f("zigzag", "how the sequence is cut across cp ranks")
     dp_engine: Literal["fsdp2", "ddp", "zero1", "zero2", "zero3"] = _f("fsdp2", "data-parallel engine")
@@ -117,18 +117,25 @@ class ParallelConfig:
         `lsts.parallel.sharding.seq_len_divisor`; a test keeps the two equal)."""
         return 2 * self.cp if self.layout == "zigzag" else self.cp
 
-    def dp_shard_for(self, world_size: int) -> int:
-        """``dp_shard`` with -1 resolved for ``world_size`` ranks; ValueError listing every factor."""
-        others = self.dp_replicate * self.tp * self.pp * self.cp
-        shard = world_size // others if self.dp_shard == -1 else self.dp_shard
-        if shard < 1 or others * shard != world_size:
+    def resolved(self, world_size: int) -> ParallelConfig:
+        """A copy with the one degree set to -1 (``dp_shard`` or ``cp_ring``) filled in for
+        ``world_size`` ranks; ValueError listing every factor when the degrees cannot multiply to it."""
+        fill = [n for n in ("dp_shard", "cp_ring") if getattr(self, n) == -1]
+        others = self.dp_replicate * self.tp * self.pp * self.cp_ulysses
+        others *= (self.cp_ring if "cp_ring" not in fill else 1) * (self.dp_shard if "dp_shard" not in fill else 1)
+        value = world_size // others if fill else 1
+        if len(fill) > 1 or value < 1 or others * (value if fill else 1) != world_size:
             raise ValueError(
                 f"parallel degrees dp_replicate={self.dp_replicate} × dp_shard={self.dp_shard} × tp={self.tp} × "
                 f"pp={self.pp} × cp_ring={self.cp_ring} × cp_ulysses={self.cp_ulysses} do not multiply to the "
                 f"world size {world_size}; launch a multiple of {others} ranks or change the degrees"
-                + ("" if self.dp_shard == -1 else " (parallel.dp_shard=-1 fills the rest)")
+                + ("" if fill else " (-1 in dp_shard or cp_ring fills the rest)")
             )
-        return shard
+        return replace(self, **{n: value for n in fill})
+
+    def dp_shard_for(self, world_size: int) -> int:
+        """``dp_shard`` for ``world_size`` ranks (see `resolved`)."""
+        return self.resolved(world_size).dp_shard
 
 
 @dataclass
@@ -329,9 +336,12 @@ class Config:
         errors = _at_least("model", m, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
         errors += _at_least("model", m, 0, "ffn_dim", "n_full", "span_size")
         errors += _positive("model", m, "rope_base", "rope_scaling", "norm_eps", "init_std")
-        errors += _at_least("parallel", p, 1, "dp_replicate", "tp", "pp", "cp_ring", "cp_ulysses", "pp_microbatches")
-        if p.dp_shard < 1 and p.dp_shard != -1:
-            errors.append(f"parallel.dp_shard ({p.dp_shard}) must be >= 1, or -1 to fill the world")
+        errors += _at_least("parallel", p, 1, "dp_replicate", "tp", "pp", "cp_ulysses", "pp_microbatches")
+        for name in ("dp_shard", "cp_ring"):
+            if getattr(p, name) < 1 and getattr(p, name) != -1:
+                errors.append(f"parallel.{name} ({getattr(p, name)}) must be >= 1, or -1 to fill the world")
+        if p.dp_shard == p.cp_ring == -1:
+            errors.append("parallel.dp_shard and parallel.cp_ring are both -1: only one degree can fill the world")
         errors += _positive("parallel", p, "timeout_s") + _positive("kernels", self.kernels, "loss_chunk_size")
         errors += _at_least("data", d, 1, "seq_len", "batch_size") + _at_least("data", d, 0, "seed", "num_workers")
         errors += _positive("optim", o, "lr", "eps") + _at_least("optim", o, 0, "min_lr", "weight_decay")
@@ -370,7 +380,7 @@ class Config:
             errors.append(
                 "parallel.layout 'stripe' does not compose ring with Ulysses (see lsts.parallel.hybrid); use zigzag"
             )
-        if d.seq_len % (div := p.seq_len_divisor):
+        if p.cp_ring != -1 and d.seq_len % (div := p.seq_len_divisor):  # -1: checked once the world is known
             lo, hi = d.seq_len // div * div, (d.seq_len // div + 1) * div
             errors.append(
                 f"data.seq_len ({d.seq_len}) must be a multiple of {div} (layout {p.layout!r} over cp={p.cp} "

@@ -60,7 +60,7 @@ def test_override_forms_and_shorthands():
     # A shorthand and its long form are one option: the last one given wins.
     assert load_config(["--seq-len=1024", "--data.seq_len=2048"]).data.seq_len == 2048
     assert load_config(["--parallel.dp_shard", "-1", "--parallel.dp_shard=2"]).parallel.dp_shard == 2
-    assert load_config(["--parallel.dp_shard", "-1"]).parallel.dp_shard == -1
+    assert load_config(["--parallel.dp_shard", "-1", "--parallel.cp_ring=1"]).parallel.dp_shard == -1
 
 
 @pytest.mark.parametrize(
@@ -242,12 +242,16 @@ def test_model_helpers():
 
 
 def test_parallel_helpers():
-    p = ParallelConfig(dp_replicate=2, tp=2, cp_ring=2, cp_ulysses=2)
+    p = ParallelConfig(dp_replicate=2, dp_shard=-1, tp=2, cp_ring=2, cp_ulysses=2)
     assert p.cp == 4 and p.dp_shard_for(32) == 2
+    demo = ParallelConfig()  # the demo: the sequence is sharded over every rank
+    assert demo.resolved(4).cp_ring == 4 and demo.resolved(4).dp_shard == 1
+    with pytest.raises(ValueError, match="only one degree can fill"):
+        load_config(["--parallel.dp_shard=-1"])
     with pytest.raises(ValueError, match=r"dp_replicate=2 × dp_shard=-1 × tp=2 .* world size 12"):
         p.dp_shard_for(12)
     with pytest.raises(ValueError, match="world size 32"):
-        ParallelConfig(dp_shard=3).dp_shard_for(32)
+        ParallelConfig(dp_shard=3, cp_ring=1).dp_shard_for(32)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe"])

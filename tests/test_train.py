@@ -28,6 +28,9 @@ TINY = [
     "--metrics.progress_bar=false",
     "--kernels.attention=torch",
     "--kernels.loss=torch",
+    # Data parallelism fills the world unless a test sets other degrees (the demo default is cp).
+    "--parallel.cp_ring=1",
+    "--parallel.dp_shard=-1",
 ]
 
 

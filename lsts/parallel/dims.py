@@ -53,8 +53,9 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> ParallelDims:
-        """From a `lsts.config.ParallelConfig`, with ``dp_shard = -1`` filling the rest of the world."""
-        return cls(cfg.dp_replicate, cfg.dp_shard_for(world_size), cfg.tp, cfg.pp, cfg.cp_ring, cfg.cp_ulysses)
+        """From a `lsts.config.ParallelConfig`, with the degree set to -1 filling the rest of the world."""
+        r = cfg.resolved(world_size)
+        return cls(r.dp_replicate, r.dp_shard, r.tp, r.pp, r.cp_ring, r.cp_ulysses)
 
     @property
     def degrees(self) -> dict[str, int]:
