@@ -148,6 +148,31 @@ def test_pipeline_checkpoint_resumes_in_one_process(tmp_path):
     _assert_same_run(_metrics(out)[-1:], _run(tmp_path, "straight", 1, *PIPE)[-1:])
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, mode):
+    plain = _run(tmp_path, "plain", 2, "--parallel.cp_ring=2")
+    recomputed = _run(tmp_path, mode, 2, "--parallel.cp_ring=2", f"--parallel.activation_checkpoint={mode}")
+    _assert_same_run(recomputed, plain, tol=1e-6)
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
+    out = str(tmp_path / "nan")
+    run_ranks(_train_on_ranks, 1, out, ["--steps=2"])
+    errors = run_ranks(_expect_non_finite, 1, out, ["--steps=4", "--resume", "--optim.lr=1e30"])
+    assert "optimizer did not step" in errors[0] and "intact" in errors[0]
+    assert latest_checkpoint(out).name == "step-000002"
+
+
+def _expect_non_finite(rank, world, out, extra):
+    from lsts.train.trainer import NonFiniteError, train
+
+    try:
+        train(_cfg(out, *extra))
+    except NonFiniteError as e:
+        return str(e)
+    raise AssertionError("no NonFiniteError")
+
+
 def test_resume_is_bit_exact(tmp_path):
     straight = _run(tmp_path, "straight", 2, "--parallel.cp_ring=2", "--steps=4")
     out = str(tmp_path / "resumed")

@@ -157,10 +157,12 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
     start = 0
     if cfg.train.resume:
         start = ckpt.load_latest(*update.checkpoint_parts, data) or 0
-        # The saved learning rate followed the saved run's schedule; continue on this run's schedule.
+        # The saved learning rate followed the saved run's schedule; continue on this run's (its
+        # optim.lr and train.steps), from the saved step.
         scheduler = update.scheduler
-        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.optimizer.param_groups)
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
     logger = MetricsLogger(
         cfg.train.out,
         rank,
