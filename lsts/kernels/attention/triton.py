@@ -150,6 +150,27 @@ def _fwd_block(
 
 
 @triton.jit
+def _query_program(
+    H,
+    GQA,
+    GROUP: tl.constexpr,
+    SHIFT_HEADS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """What a program that owns a block of queries (forward, dQ) works on: its block, batch, query
+    head, K/V head, the head's group shift, and the row / key / feature offsets."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    shift = 0
+    if SHIFT_HEADS:
+        shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return i_m, i_bh, i_b, i_h, i_h // GQA, shift, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -159,15 +180,9 @@ def _attn_fwd_kernel(
     DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // GQA
-    shift = 0
-    if SHIFT_HEADS:
-        shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    i_m, i_bh, i_b, i_h, i_hk, shift, offs_m, offs_n, offs_d = _query_program(
+        H, GQA, GROUP, SHIFT_HEADS, BLOCK_M, BLOCK_N, BLOCK_D
+    )
     m_m, m_d = offs_m < SQ, offs_d < HEAD_DIM
     p_q = (
         Q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
@@ -216,15 +231,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale · Σ_j dS_ij K_j with dS = P ∘ (dO Vᵀ − D); Q, dO, dQ share strides (contiguous)."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // GQA
-    shift = 0
-    if SHIFT_HEADS:
-        shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    i_m, i_bh, i_b, i_h, i_hk, shift, offs_m, offs_n, offs_d = _query_program(
+        H, GQA, GROUP, SHIFT_HEADS, BLOCK_M, BLOCK_N, BLOCK_D
+    )
     m_m, m_d = offs_m < SQ, offs_d < HEAD_DIM
     q_rows = i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
     b_q = tl.load(Q + q_rows, mask=m_m[:, None] & m_d[None, :], other=0.0)
