@@ -49,11 +49,16 @@ LOCAL = AttentionContext()
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span = CAUSAL, ctx: AttentionContext = LOCAL
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    span: Span = CAUSAL,
+    ctx: AttentionContext = LOCAL,
+    softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """``q [B, S, H, D]``, ``k, v [B, S, H_kv, D]`` (``S`` local under sequence parallelism)
-    -> ``out [B, S, H, D]``, attended with ``span`` as ``ctx`` says."""
-    kw = {"span": span, "cu_seqlens": ctx.documents, "backend": ctx.backend}
+    -> ``out [B, S, H, D]``, attended with ``span`` as ``ctx`` says (scale ``1/sqrt(D)`` by default)."""
+    kw = {"span": span, "cu_seqlens": ctx.documents, "backend": ctx.backend, "softmax_scale": softmax_scale}
     if ctx.mode == "local":
         return local_attention(q, k, v, **kw)[0]
     if ctx.mode == "ring":
