@@ -1,0 +1,1 @@
+"""Long-context fine-tuning of Hugging Face checkpoints: LoRA, LongLoRA, SinkLoRA and full."""

@@ -1,0 +1,66 @@
+"""Fine-tuning recipes on a local GQA Llama checkpoint: position interpolation written into the
+config, the trainable parameters of each method, the span each installs, and a merged export that
+plain transformers loads with logits equal to the LoRA model's."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lsts.attention import AttentionContext
+from lsts.finetune.recipes import export_merged, for_evaluation, interpolation_factor, load_extended, prepare, recipe
+from tests.oracle import rel_err
+
+CTX = AttentionContext(backend="torch")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_interpolation_factor_and_config(checkpoint):
+    assert interpolation_factor(8192, 2048) == 4 and interpolation_factor(100, 2048) == 1
+    model = load_extended(checkpoint, 256)
+    assert model.config.rope_parameters["rope_type"] == "linear"
+    assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 256
+
+
+@pytest.mark.parametrize(
+    "method,kind", [("lora", "causal"), ("longlora", "s2"), ("sinklora", "sf"), ("full", "causal")]
+)
+def test_each_method_trains_what_its_recipe_says(checkpoint, method, kind):
+    model = prepare(load_extended(checkpoint, 128), method, 128, CTX)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) == (method != "full")
+    assert any("embed_tokens" in n for n in trainable) == (method != "lora")
+    assert any(n.endswith("norm.weight") for n in trainable) == (method != "lora")
+    spans = {m.lsts_span.kind for m in model.modules() if hasattr(m, "lsts_span")}
+    assert spans == {kind} and recipe(method, 128).span.kind == kind
+
+
+def test_merged_export_loads_in_plain_transformers_with_equal_logits(checkpoint, tmp_path):
+    model = prepare(load_extended(checkpoint, 128), "longlora", 128, CTX)
+    with torch.no_grad():  # adapters start at zero: give them weights so the merge matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    tokens = torch.randint(0, 97, (1, 128), generator=torch.Generator().manual_seed(2))
+    want = for_evaluation(model, CTX)(tokens).logits
+    path = export_merged(model, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert plain.config.rope_parameters["factor"] == 2.0
+    assert rel_err(plain(tokens).logits, want) < 1e-5
+
+
+def test_bad_method_and_length():
+    with pytest.raises(ValueError, match="unknown fine-tuning method"):
+        recipe("qlora", 128)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        recipe("longlora", 100)
