@@ -3,25 +3,19 @@ attention through transformers' AttentionInterface, against the same model on ``
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lsts.attention import AttentionContext
 from lsts.kernels.attention import Span
 from lsts.models.hf import use_lsts_attention
 from tests.distributed import run_ranks
+from tests.hf_models import save_tiny_llama
 from tests.oracle import rel_err
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), max_position_embeddings=256)
 
 
 def _load(path, impl="sdpa"):

@@ -4,10 +4,11 @@ plain transformers loads with logits equal to the LoRA model's."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lsts.attention import AttentionContext
 from lsts.finetune.recipes import export_merged, for_evaluation, interpolation_factor, load_extended, prepare, recipe
+from tests.hf_models import save_tiny_llama
 from tests.oracle import rel_err
 
 CTX = AttentionContext(backend="torch")
@@ -15,14 +16,7 @@ CTX = AttentionContext(backend="torch")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), max_position_embeddings=64)
 
 
 def test_interpolation_factor_and_config(checkpoint):
