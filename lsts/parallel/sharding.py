@@ -197,7 +197,7 @@ def tiles(layout, rank, src, world, s_local, span: Span, docs: Documents | None 
         for k_rows, k_first in shard_chunks(layout, src, world, s_local):
             n_k = k_rows.stop - k_rows.start
             # Sinks lie in the first documents; a query sees them only from one of those.
-            sinks = k_first < span.n_sink and (docs is None or int(docs.start[q_first]) < span.n_sink)
+            sinks = k_first < span.n_sink and (docs is None or docs.bounds(q_first, q_first)[0] < span.n_sink)
             if sinks or max(lo, k_first) < min(hi, k_first + n_k):
                 out.append(Tile(q_rows, k_rows, span, q_first, k_first))
     return out

@@ -21,10 +21,13 @@ import torch
 
 @dataclass(frozen=True, eq=False)
 class Documents:
-    """Per-position document bounds ``start``, ``end`` (int32 ``[N]``) of one packed sequence."""
+    """Per-position document bounds ``start``, ``end`` (int32 ``[N]``, on the kernels' device) of
+    one packed sequence, and its boundaries ``cu`` (int64, on the host) for the host-side planning
+    of tiles and chunks, which must not wait on the device."""
 
     start: torch.Tensor
     end: torch.Tensor
+    cu: torch.Tensor
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor | list[int], device=None) -> Documents:
@@ -37,7 +40,7 @@ class Documents:
         lengths = cu[1:] - cu[:-1]
         start = torch.repeat_interleave(cu[:-1], lengths).to(torch.int32)
         end = torch.repeat_interleave(cu[1:], lengths).to(torch.int32)
-        return cls(start.to(device), end.to(device))
+        return cls(start.to(device), end.to(device), cu)
 
     @property
     def seq_len(self) -> int:
@@ -45,9 +48,9 @@ class Documents:
         return self.start.numel()
 
     def to(self, device) -> Documents:
-        return (
-            self if self.start.device == torch.device(device) else Documents(self.start.to(device), self.end.to(device))
-        )
+        if self.start.device == torch.device(device):
+            return self
+        return Documents(self.start.to(device), self.end.to(device), self.cu)
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Boolean ``[Sq, Sk]``: key in the query's document."""
@@ -57,4 +60,6 @@ class Documents:
     def bounds(self, first: int, last: int) -> tuple[int, int]:
         """``[lo, hi)``: the keys that queries ``first..last`` may see (documents only) or, the rule
         being symmetric, the queries that may see keys ``first..last``. Positions are global."""
-        return int(self.start[first]), int(self.end[last])
+        d_first = int(torch.searchsorted(self.cu, first, right=True)) - 1
+        d_last = int(torch.searchsorted(self.cu, last, right=True)) - 1
+        return int(self.cu[d_first]), int(self.cu[d_last + 1])
