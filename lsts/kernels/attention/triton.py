@@ -171,6 +171,24 @@ def _query_program(
 
 
 @triton.jit
+def _query_block_keys(
+    i_m, offs_m, m_m, shift, q_offset, k_offset, SQ, SK, DOC_START, DOC_END,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """For a block of queries: their global positions, the key blocks to visit (`_key_bounds`)
+    and each query's document bounds (`_doc_bounds`)."""
+    pos_q = offs_m + q_offset
+    q_first = i_m * BLOCK_M + q_offset
+    q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
+    lo, hi, sink_hi = _key_bounds(
+        q_first, q_last, shift, k_offset, SK, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_N
+    )
+    doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, pos_q, m_m, DOCS)
+    return pos_q, lo, hi, sink_hi, doc_lo, doc_hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -190,13 +208,10 @@ def _attn_fwd_kernel(
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
-    pos_q = offs_m + q_offset
-    q_first = i_m * BLOCK_M + q_offset
-    q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
-    lo, hi, sink_hi = _key_bounds(
-        q_first, q_last, shift, k_offset, SK, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_N
-    )
-    doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, pos_q, m_m, DOCS)
+    pos_q, lo, hi, sink_hi, doc_lo, doc_hi = _query_block_keys(
+        i_m, offs_m, m_m, shift, q_offset, k_offset, SQ, SK, DOC_START, DOC_END,
+        CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -243,13 +258,10 @@ def _attn_bwd_dq_kernel(
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * SQ + offs_m, mask=m_m, other=0.0)
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
-    pos_q = offs_m + q_offset
-    q_first = i_m * BLOCK_M + q_offset
-    q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
-    lo, hi, sink_hi = _key_bounds(
-        q_first, q_last, shift, k_offset, SK, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_N
-    )
-    doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, pos_q, m_m, DOCS)
+    pos_q, lo, hi, sink_hi, doc_lo, doc_hi = _query_block_keys(
+        i_m, offs_m, m_m, shift, q_offset, k_offset, SQ, SK, DOC_START, DOC_END,
+        CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_sink_blocks = tl.cdiv(sink_hi, BLOCK_N)
     n_main_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
