@@ -48,6 +48,41 @@ class AttentionContext:
 LOCAL = AttentionContext()
 
 
+@dataclass(frozen=True)
+class RolledS2:
+    """LongLoRA's S²-Attn as the paper's Algorithm 1 writes it, for ablations only: the shifted half
+    of the heads rolls the sequence by -G/2, attends causally within groups of ``size`` = G, and
+    rolls back. Tokens ``0 .. G/2-1`` then share a group with the last G/2 tokens and see them: a
+    leak of (G/2)² future pairs per shifted head. The default `Span("s2", G)` has no such leak.
+    Rolling needs the whole sequence: one device only."""
+
+    size: int
+    kind: str = "s2roll"
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.size % 2:
+            raise ValueError(f"the rolled S² group must be positive and even, got {self.size}")
+
+
+def rolled_s2_attention(q, k, v, span: RolledS2, ctx: AttentionContext, softmax_scale=None) -> torch.Tensor:
+    """`RolledS2` attention of whole sequences (``q [B, N, H, D]``, ``k, v [B, N, H_kv, D]``)."""
+    if ctx.mode != "local" or ctx.documents is not None:
+        raise ValueError("the rolled S² ablation attends one whole, unpacked sequence: use a local context")
+    if q.shape[1] % span.size:
+        raise ValueError(f"the rolled S² groups ({span.size}) must divide the sequence length {q.shape[1]}")
+    h, h_kv, shift = q.shape[2], k.shape[2], span.size // 2
+    kv_head = torch.arange(h, device=q.device) // (h // h_kv)  # each query head's K/V head (GQA)
+    block = Span("block", span.size)
+    outs = []
+    for heads, roll in ((slice(0, h // 2), 0), (slice(h // 2, h), shift)):
+        idx = kv_head[heads]
+        qh, kh, vh = q[:, :, heads], k.index_select(2, idx), v.index_select(2, idx)
+        qh, kh, vh = (x.roll(-roll, dims=1) for x in (qh, kh, vh))
+        out = local_attention(qh, kh, vh, span=block, backend=ctx.backend, softmax_scale=softmax_scale)[0]
+        outs.append(out.roll(roll, dims=1))
+    return torch.cat(outs, dim=2)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,6 +93,8 @@ def attention(
 ) -> torch.Tensor:
     """``q [B, S, H, D]``, ``k, v [B, S, H_kv, D]`` (``S`` local under sequence parallelism)
     -> ``out [B, S, H, D]``, attended with ``span`` as ``ctx`` says (scale ``1/sqrt(D)`` by default)."""
+    if isinstance(span, RolledS2):
+        return rolled_s2_attention(q, k, v, span, ctx, softmax_scale)
     kw = {"span": span, "cu_seqlens": ctx.documents, "backend": ctx.backend, "softmax_scale": softmax_scale}
     if ctx.mode == "local":
         return local_attention(q, k, v, **kw)[0]
@@ -68,4 +105,4 @@ def attention(
     return hybrid_attention(q, k, v, ctx.ring_group, ctx.ulysses_group, layout=ctx.layout, **kw)
 
 
-__all__ = ["LOCAL", "AttentionContext", "attention"]
+__all__ = ["LOCAL", "AttentionContext", "RolledS2", "attention", "rolled_s2_attention"]

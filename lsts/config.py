@@ -27,7 +27,7 @@ import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 
@@ -252,18 +252,10 @@ def _positive(section: str, obj: Any, *names: str) -> list[str]:
     return [f"{section}.{n} ({getattr(obj, n)}) must be > 0" for n in names if not getattr(obj, n) > 0]
 
 
-@dataclass
-class Config:
-    """A whole run. Build with `load_config` (validated) or `from_dict` / `from_yaml` (not yet)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+class Sections:
+    """A whole run as dataclass sections: strict setting by ``section.field``, YAML in and out, and
+    the checks every job shares. `Config` (training) and the fine-tuning run config derive from it
+    with their own sections; each job's ``validate`` adds its own checks to `common_errors`."""
 
     def set(self, key: str, value: Any, source: str = "<override>") -> None:
         """Set ``section.field`` to ``value`` coerced to the field's type; strict about the key."""
@@ -282,7 +274,7 @@ class Config:
             raise ValueError(f"{source}: unknown section {name!r}{_suggest(name, sections)}; valid: {sections}")
         return getattr(self, name)
 
-    def update(self, data: dict[str, Any], source: str = "<dict>") -> Config:
+    def update(self, data: dict[str, Any], source: str = "<dict>") -> Self:
         """Overlay a nested ``{section: {field: value}}`` mapping (a partial one is fine); returns self."""
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
@@ -295,12 +287,12 @@ class Config:
         return self
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Self:
         """Defaults overlaid with ``data`` (the shape of `to_dict`)."""
         return cls().update(data, source)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> Config:
+    def from_yaml(cls, path: str | Path) -> Self:
         """Defaults overlaid with a YAML file of the same nesting."""
         if not Path(path).is_file():
             raise ValueError(f"config file {str(path)!r} not found; the shipped ones are in configs/")
@@ -330,13 +322,11 @@ class Config:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(self.to_yaml())
 
-    def validate(self) -> None:
-        """ValueError listing every bad value and its fix. World-size checks happen at mesh build."""
-        m, p, d, o, t = self.model, self.parallel, self.data, self.optim, self.train
-        errors = _at_least("model", m, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
-        errors += _at_least("model", m, 0, "ffn_dim", "n_full", "span_size")
-        errors += _positive("model", m, "rope_base", "rope_scaling", "norm_eps", "init_std")
-        errors += _at_least("parallel", p, 1, "dp_replicate", "tp", "pp", "cp_ulysses", "pp_microbatches")
+    def common_errors(self) -> list[str]:
+        """Bad values of the sections every job has (parallel, kernels, data, optim, train,
+        checkpoint), each with its fix."""
+        p, d, o, t = self.parallel, self.data, self.optim, self.train
+        errors = _at_least("parallel", p, 1, "dp_replicate", "tp", "pp", "cp_ulysses", "pp_microbatches")
         for name in ("dp_shard", "cp_ring"):
             if getattr(p, name) < 1 and getattr(p, name) != -1:
                 errors.append(f"parallel.{name} ({getattr(p, name)}) must be >= 1, or -1 to fill the world")
@@ -350,14 +340,58 @@ class Config:
             errors.append(f"optim.betas ({list(o.betas)}) must each be in [0, 1), e.g. 0.9,0.95")
         errors += _at_least("train", t, 1, "steps", "grad_accum", "log_every") + _at_least("train", t, 0, "seed")
         errors += _at_least("checkpoint", self.checkpoint, 0, "every", "keep")
-        if not errors:  # the relations would divide by zero on the values rejected above
-            errors = self._relations()
+        if errors:  # the relations would divide by zero on the values rejected above
+            return errors
+        if p.layout == "stripe" and p.cp_ring > 1 and p.cp_ulysses > 1:
+            errors.append(
+                "parallel.layout 'stripe' does not compose ring with Ulysses (see lsts.parallel.hybrid); use zigzag"
+            )
+        if p.cp_ring != -1 and d.seq_len % (div := p.seq_len_divisor):  # -1: checked once the world is known
+            lo, hi = d.seq_len // div * div, (d.seq_len // div + 1) * div
+            errors.append(
+                f"data.seq_len ({d.seq_len}) must be a multiple of {div} (layout {p.layout!r} over cp={p.cp} "
+                f"ranks); use {lo or hi} or {hi}"
+            )
+        if o.min_lr > o.lr:
+            errors.append(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr})")
+        return errors
+
+    def validate(self) -> None:
+        """ValueError listing every bad value and its fix. World-size checks happen at mesh build."""
+        errors = self.common_errors()
         if errors:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
-    def _relations(self) -> list[str]:
-        """Checks between fields (sizes that must divide, ordered bounds)."""
-        m, p, d, o = self.model, self.parallel, self.data, self.optim
+
+@dataclass
+class Config(Sections):
+    """A training run of `lsts.models.MASFormer`. Build with `load_config` (validated) or
+    `from_dict` / `from_yaml` (not yet)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        """ValueError listing every bad value and its fix. World-size checks happen at mesh build."""
+        m = self.model
+        errors = _at_least("model", m, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
+        errors += _at_least("model", m, 0, "ffn_dim", "n_full", "span_size")
+        errors += _positive("model", m, "rope_base", "rope_scaling", "norm_eps", "init_std")
+        errors += self.common_errors()
+        if not errors:  # the relations would divide by zero on the values rejected above
+            errors = self._model_relations()
+        if errors:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+    def _model_relations(self) -> list[str]:
+        """Checks between the model's fields and the parallel degrees."""
+        m, p = self.model, self.parallel
         errors = []
         if m.n_heads % m.n_kv_heads:
             ok = [k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]
@@ -376,18 +410,6 @@ class Config:
             )
         if p.pp > m.n_layers:
             errors.append(f"parallel.pp ({p.pp}) exceeds model.n_layers ({m.n_layers}): each stage needs a layer")
-        if p.layout == "stripe" and p.cp_ring > 1 and p.cp_ulysses > 1:
-            errors.append(
-                "parallel.layout 'stripe' does not compose ring with Ulysses (see lsts.parallel.hybrid); use zigzag"
-            )
-        if p.cp_ring != -1 and d.seq_len % (div := p.seq_len_divisor):  # -1: checked once the world is known
-            lo, hi = d.seq_len // div * div, (d.seq_len // div + 1) * div
-            errors.append(
-                f"data.seq_len ({d.seq_len}) must be a multiple of {div} (layout {p.layout!r} over cp={p.cp} "
-                f"ranks); use {lo or hi} or {hi}"
-            )
-        if o.min_lr > o.lr:
-            errors.append(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr})")
         return errors
 
 
@@ -401,17 +423,20 @@ Precedence: command line > --config file > built-in defaults (the CPU demo, = co
 Unknown keys are errors. Booleans take true/false, yes/no, 1/0."""
 
 
-def _keys() -> list[str]:
+def _keys(cls: type[Sections]) -> list[str]:
     """Every ``section.field`` name."""
-    cfg = Config()
+    cfg = cls()
     return [f"{f.name}.{sf.name}" for f in fields(cfg) for sf in fields(getattr(cfg, f.name))]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `load_config`: one option per field, grouped by section."""
+def build_parser(
+    cls: type[Sections] = Config, shorthands: dict[str, str] | None = None, description: str | None = None
+) -> argparse.ArgumentParser:
+    """The argparse parser of `load_config`: one option per field of ``cls``, grouped by section."""
+    shorthands = SHORTHANDS if shorthands is None else shorthands
     parser = argparse.ArgumentParser(
         usage="%(prog)s [--config FILE.yaml] [--section.field=value ...] [shorthands] [--print-config]",
-        description="lsts: distributed long-sequence training",
+        description=description or "lsts: distributed long-sequence training",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # a prefix must not silently pick a field
@@ -420,11 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     given = {"default": argparse.SUPPRESS, "metavar": "V"}  # absent options stay absent: the file keeps its value
     short = parser.add_argument_group("shorthands")
-    for flag, key in SHORTHANDS.items():
+    for flag, key in shorthands.items():
         short.add_argument(flag, dest=key, help=f"= --{key}", **given)
     resume = "= --train.resume=true: continue from the latest checkpoint in train.out"
     short.add_argument("--resume", dest="train.resume", action="store_const", const="true", help=resume, **given)
-    defaults = Config()
+    defaults = cls()
     for f in fields(defaults):
         section = getattr(defaults, f.name)
         group = parser.add_argument_group(f.name, type(section).__doc__)
@@ -434,17 +459,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None) -> Config:
-    """Defaults < ``--config`` file < command-line overrides, validated. ``argv`` defaults to
-    ``sys.argv[1:]``. ``--print-config`` prints the YAML and raises ``SystemExit(0)``; ``--help`` too."""
-    parser = build_parser()
+def load_config(
+    argv: list[str] | None = None,
+    cls: type[Sections] = Config,
+    shorthands: dict[str, str] | None = None,
+    description: str | None = None,
+):
+    """Defaults of ``cls`` < ``--config`` file < command-line overrides, validated. ``argv``
+    defaults to ``sys.argv[1:]``; ``shorthands`` (flag -> ``section.field``) to the training ones.
+    ``--print-config`` prints the YAML and raises ``SystemExit(0)``; ``--help`` too."""
+    shorthands = SHORTHANDS if shorthands is None else shorthands
+    parser = build_parser(cls, shorthands, description)
     args, rest = parser.parse_known_args(argv)
     if rest:
         bad = next((a for a in rest if a.startswith("-")), rest[0])
         name = bad.partition("=")[0]
-        options = ["--config", "--print-config", "--resume", *SHORTHANDS, *(f"--{k}" for k in _keys())]
+        options = ["--config", "--print-config", "--resume", *shorthands, *(f"--{k}" for k in _keys(cls))]
         raise ValueError(f"command line: unknown option {name!r}{_suggest(name, options)}; see --help")
-    cfg = Config.from_yaml(args.config) if args.config else Config()
+    cfg = cls.from_yaml(args.config) if args.config else cls()
     for key, value in vars(args).items():
         if "." in key:
             cfg.set(key, value, source="command line")

@@ -72,3 +72,31 @@ def test_window_twin_touches_only_nearby_keys():
     span, n = Span("window", 64), 4096
     widest = max(sum(s.stop - s.start for s in keys) for *_, keys, _ in _chunks(span, n, n, 1, 1, 0, 0, 64, None))
     assert widest <= 64 + 63
+
+
+@pytest.mark.parametrize("heads", HEADS)
+def test_rolled_s2_ablation_equals_its_written_out_mask_and_leaks(heads):
+    """The paper's Algorithm 1 (roll by -G/2 on half the heads): in original positions a shifted
+    head keeps ``r(j)//G == r(i)//G and r(j) <= r(i)`` with ``r(i) = (i - G/2) mod N``, so tokens
+    0..G/2-1 see the last G/2 tokens: (G/2)² future pairs per shifted head."""
+    from lsts.attention import LOCAL, RolledS2, rolled_s2_attention
+
+    n, g, (h, h_kv) = 48, 12, heads
+    gen = torch.Generator().manual_seed(5)
+    q, dout = (torch.randn(1, n, h, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, n, h_kv, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    pos = torch.arange(n)
+    r = (pos - g // 2) % n
+    unshifted = (pos[None, :] // g == pos[:, None] // g) & (pos[None, :] <= pos[:, None])
+    shifted = (r[None, :] // g == r[:, None] // g) & (r[None, :] <= r[:, None])
+    mask = torch.stack([unshifted if i < h // 2 else shifted for i in range(h)])[None]
+    assert int((shifted & (pos[None, :] > pos[:, None])).sum()) == (g // 2) ** 2
+
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    out = rolled_s2_attention(qs, ks, vs, RolledS2(g), LOCAL)
+    out.backward(dout)
+    q2, k2, v2 = (x.clone().requires_grad_() for x in (q, k, v))
+    want, _ = ref.attention_fwd(q2, k2, v2, 16**-0.5, mask=mask)
+    grads = torch.autograd.grad(want, (q2, k2, v2), dout)
+    for got, exp in zip((out, qs.grad, ks.grad, vs.grad), (want, *grads)):
+        assert rel_err(got, exp) < 1e-12

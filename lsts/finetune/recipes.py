@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lsts.attention import LOCAL, AttentionContext
+from lsts.attention import LOCAL, AttentionContext, RolledS2
 from lsts.kernels.attention import CAUSAL, Span
 from lsts.models.hf import attention_modules, use_lsts_attention
 
@@ -33,13 +33,14 @@ N_SINK = 4
 @dataclass(frozen=True)
 class Recipe:
     method: str
-    span: Span
+    span: Span | RolledS2
     lora: bool
     train_embeddings_and_norms: bool  # LoRA+
 
 
-def recipe(method: str, seq_len: int) -> Recipe:
-    """The recipe of ``method`` at training length ``seq_len`` (groups of seq_len / 4, as LongLoRA)."""
+def recipe(method: str, seq_len: int, s2_variant: str = "leak_free") -> Recipe:
+    """The recipe of ``method`` at training length ``seq_len`` (groups of seq_len / 4, as LongLoRA);
+    ``s2_variant="roll"`` gives longlora the paper's rolled grouping (an ablation, `RolledS2`)."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
     group = seq_len // 4
@@ -47,7 +48,10 @@ def recipe(method: str, seq_len: int) -> Recipe:
         raise ValueError(
             f"{method} shifts groups of seq_len / 4 = {group} tokens by half: seq_len must be a multiple of 8"
         )
-    span = {"longlora": Span("s2", group), "sinklora": Span("sf", group, N_SINK)}.get(method, CAUSAL)
+    if s2_variant not in ("leak_free", "roll"):
+        raise ValueError(f"unknown S² variant {s2_variant!r}; choose leak_free or roll")
+    s2 = RolledS2(group) if s2_variant == "roll" else Span("s2", group)
+    span = {"longlora": s2, "sinklora": Span("sf", group, N_SINK)}.get(method, CAUSAL)
     return Recipe(method, span, lora=method != "full", train_embeddings_and_norms=method in ("longlora", "sinklora"))
 
 
@@ -67,10 +71,18 @@ def load_extended(model_dir: str | Path, seq_len: int, dtype: torch.dtype = torc
     return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
 
 
-def prepare(model, method: str, seq_len: int, ctx: AttentionContext = LOCAL, r: int = 8, alpha: int = 16):
+def prepare(
+    model,
+    method: str,
+    seq_len: int,
+    ctx: AttentionContext = LOCAL,
+    r: int = 8,
+    alpha: int = 16,
+    s2_variant: str = "leak_free",
+):
     """Put ``model`` on lsts attention with the recipe's span and make the recipe's weights
     trainable (peft adapters for the LoRA methods). Returns the model to train."""
-    rec = recipe(method, seq_len)
+    rec = recipe(method, seq_len, s2_variant)
     use_lsts_attention(model, span=rec.span, ctx=ctx)
     if not rec.lora:
         return model.requires_grad_(True)

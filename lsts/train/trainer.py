@@ -104,21 +104,52 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def train(cfg: Config) -> dict:
-    """Run the configured training; returns the last step's metrics."""
+def train(cfg: Config, job=None) -> dict:
+    """Run the configured training (``job``, a `MASFormerJob` of ``cfg`` by default); returns the
+    last step's metrics."""
     device, dtype = resolve_device(cfg)
     created = init_distributed(cfg, device)
     try:
-        return _train(cfg, device, dtype)
+        return _train(cfg, device, dtype, job or MASFormerJob(cfg))
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
+class MASFormerJob:
+    """What `train` trains by default: a `MASFormer` from ``cfg.model``, parallelized by
+    `lsts.parallel.parallelize.parallelize`. A job gives the loop three things: ``check`` (every
+    rank, before any collective), ``build`` (model, engine and optimizer step on the mesh) and
+    ``finish`` (after the last step); `lsts.finetune.trainer.FinetuneJob` is the other one."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.vocab_size = cfg.model.vocab_size
+
+    def check(self, dims: ParallelDims, world: int) -> None:
+        check_run(self.cfg, dims, world)
+
+    def build(self, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype):
+        """``(update, flops per token)``."""
+        cfg = self.cfg
+        model = MASFormer(cfg.model, cfg.kernels).to(device)
+        model.init_weights(cfg.train.seed)
+        flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        if dims.pp > 1:
+            model = split_stage(model, dims.pp, mesh["pp"].get_local_rank())
+        model = parallelize(
+            model, dims, mesh, cfg.parallel.dp_engine, cfg.parallel.activation_checkpoint, param_dtype=dtype
+        )
+        return _build_update(cfg, model, dims, mesh, device, dtype), flops_per_token
+
+    def finish(self, update) -> None:
+        pass
+
+
+def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
-    check_run(cfg, dims, world)
+    job.check(dims, world)
     mesh = dims.build_mesh(device.type)
     dp_rank = mesh["dp"].get_local_rank()
     cp_rank = mesh["cp"].get_local_rank()
@@ -127,16 +158,8 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
         cfg.save(os.path.join(cfg.train.out, "config.yaml"))
 
     torch.manual_seed(cfg.train.seed)
-    model = MASFormer(cfg.model, cfg.kernels).to(device)
-    model.init_weights(cfg.train.seed)
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    if dims.pp > 1:
-        model = split_stage(model, dims.pp, mesh["pp"].get_local_rank())
-    model = parallelize(
-        model, dims, mesh, cfg.parallel.dp_engine, cfg.parallel.activation_checkpoint, param_dtype=dtype
-    )
+    update, flops_per_token = job.build(dims, mesh, device, dtype)
     ctx = dims.attention_context(mesh, cfg.kernels.attention, cfg.parallel.layout)
-    update = _build_update(cfg, model, dims, mesh, device, dtype)
     data = build_data(
         cfg.data,
         dp_rank=dp_rank,
@@ -144,7 +167,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
         cp_rank=cp_rank,
         cp_world=dims.cp,
         layout=cfg.parallel.layout,
-        vocab_size=cfg.model.vocab_size,
+        vocab_size=job.vocab_size,
     )
     ckpt = Checkpointer(
         cfg.train.out,
@@ -202,6 +225,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict:
             ckpt.maybe_save(step, *update.checkpoint_parts, data, force=step == cfg.train.steps)
     finally:
         logger.close()
+    job.finish(update)
     return {"step": cfg.train.steps, **metrics}
 
 
@@ -261,14 +285,14 @@ class TorchUpdate:
     """AdamW and the LambdaLR schedule on the FSDP2-, DDP-wrapped or plain module; the gradient is
     clipped and checked here, before the optimizer steps."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: Config, loss=None) -> None:
         o = cfg.optim
         self.model, self.grad_clip = model, o.grad_clip
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-        )
+        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen weights (LoRA) get no state
+        self.optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.loss = functools.partial(lm_loss, cfg.kernels, model)
+        # loss(tokens, positions, ctx, labels) -> summed loss of one row
+        self.loss = loss or functools.partial(lm_loss, cfg.kernels, model)
         self.checkpoint_parts = (model, self.optimizer, self.scheduler)  # what the Checkpointer saves
         self.runner: PipelineRunner | None = None  # pp > 1: the schedule runs forward and backward
         self.pp_group = None
@@ -363,4 +387,4 @@ def main(argv: list[str] | None = None) -> None:
     train(cfg)
 
 
-__all__ = ["NonFiniteError", "main", "train"]
+__all__ = ["MASFormerJob", "NonFiniteError", "TorchUpdate", "main", "train"]

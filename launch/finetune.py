@@ -1,0 +1,29 @@
+"""Fine-tune a Hugging Face decoder for long context: LongLoRA, SinkLoRA, LoRA or full.
+
+    torchrun --nproc-per-node 2 launch/finetune.py --model DIR --method longlora --seq-len 8192 --steps 2 --out X
+    python launch/finetune.py --model DIR --method sinklora --config configs/finetune-llama-8k.yaml --print-config
+
+Writes X/metrics.jsonl, X/tb, X/checkpoints (resume with --resume) and X/merged, which plain
+``AutoModelForCausalLM.from_pretrained`` loads and runs at the new length. Options: ``--help``; any
+config field is ``--section.field=value``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from lsts.finetune.config import load_finetune_config
+from lsts.finetune.trainer import finetune
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = load_finetune_config(argv)
+        finetune(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

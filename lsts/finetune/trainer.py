@@ -1,0 +1,205 @@
+"""The job behind ``launch/finetune.py``: a Hugging Face decoder, a recipe (`recipes`), and the
+training loop of `lsts.train.trainer` (config, data, checkpoints, metrics, non-finite guard).
+
+The model stays a plain transformers model: lsts attention comes in through
+``transformers.AttentionInterface`` (`lsts.models.hf`), LoRA through peft. `CausalLMLoss` puts
+the decoder and the chunked loss head in one module, so every engine sees each parameter used
+inside its forward: FSDP2 unshards the embedding and the output head for it, ZeRO-3 gathers them.
+Frozen base weights are sharded like trainable ones (FSDP2, ZeRO-2/3); the optimizer holds only
+the trainable ones.
+
+At the end, ``out/merged`` gets the model with LoRA merged and the RoPE factor in its config: the
+full weights are gathered to rank 0 (`full_state_dict`), loaded into a fresh copy of the recipe's
+model there and saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoConfig
+
+from lsts.attention import AttentionContext
+from lsts.finetune.config import FinetuneRunConfig
+from lsts.finetune.recipes import export_merged, load_extended, prepare, recipe
+from lsts.kernels.loss import linear_cross_entropy
+from lsts.models.hf import attention_modules
+from lsts.parallel.dims import ParallelDims
+from lsts.parallel.parallelize import check_supported
+from lsts.train import zero
+from lsts.train.trainer import TorchUpdate, lr_lambda
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class CausalLMLoss(nn.Module):
+    """A causal LM and its loss head as one module: ``forward(tokens, positions, ctx, labels)`` ->
+    the summed next-token loss of a row, through `linear_cross_entropy` on the decoder's last hidden
+    states and the output embedding, so ``[tokens, vocab]`` logits never exist whole. ``ctx`` (the
+    row's `AttentionContext`, with its packed documents) goes to every attention module."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 4096, backend: str = "auto") -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size, self.backend = chunk_size, backend
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers ``*ForCausalLM`` (under peft's wrapper, if any)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, tokens, positions, ctx: AttentionContext, labels) -> torch.Tensor:
+        for module in attention_modules(self.model):
+            module.lsts_ctx = ctx
+        lm = self.causal_lm
+        hidden = lm.get_decoder()(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+        loss, _ = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            lm.get_output_embeddings().weight.to(hidden.dtype),
+            labels.reshape(-1),
+            reduction="sum",
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        return loss
+
+
+def resolve_tokenizer(cfg: FinetuneRunConfig) -> str:
+    """``data.tokenizer = auto``: the checkpoint's own tokenizer when it has one, else bytes."""
+    if cfg.data.tokenizer != "auto":
+        return cfg.data.tokenizer
+    model = Path(cfg.finetune.model)
+    has_own = not model.is_dir() or any((model / name).exists() for name in TOKENIZER_FILES)
+    return cfg.finetune.model if has_own else "byte"
+
+
+class FinetuneJob:
+    """The fine-tuning job for `lsts.train.trainer.train` (see `lsts.train.trainer.MASFormerJob`)."""
+
+    def __init__(self, cfg: FinetuneRunConfig) -> None:
+        self.cfg = cfg
+        try:
+            self.hf_config = AutoConfig.from_pretrained(cfg.finetune.model)
+        except OSError as e:
+            raise ValueError(
+                f"finetune.model {cfg.finetune.model!r} is neither a local checkpoint directory nor a hub name "
+                f"in the local cache ({e.__class__.__name__}); save one with save_pretrained and pass its path"
+            ) from e
+        self.vocab_size = self.hf_config.vocab_size
+        cfg.data.tokenizer = resolve_tokenizer(cfg)
+        self.recipe = recipe(cfg.finetune.method, cfg.data.seq_len)
+        self.model: CausalLMLoss | None = None
+
+    def check(self, dims: ParallelDims, world: int) -> None:
+        """Every rank, before any collective."""
+        cfg, c = self.cfg, self.hf_config
+        dims.validate(world)
+        check_supported(dims, cfg.parallel.dp_engine)
+        if dims.tp > 1 or dims.pp > 1:
+            raise ValueError(
+                f"parallel.tp = {dims.tp}, parallel.pp = {dims.pp}: fine-tuning runs data and context parallelism "
+                "(Hugging Face modules take no tensor or pipeline plan here); set tp=1 and pp=1"
+            )
+        if cfg.parallel.dp_engine in zero.ZERO_STAGES:
+            zero.check_config(cfg)
+        dims.check_model(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+        dims.check_seq_len(cfg.data.seq_len, cfg.parallel.layout)
+        if self.recipe.span.shifts_heads and dims.cp_ulysses > 1:
+            raise ValueError(
+                f"method {cfg.finetune.method!r} shifts the groups of half the heads, which an Ulysses head shard "
+                "cannot place; use the ring for context parallelism (parallel.cp_ulysses=1)"
+            )
+        if cfg.finetune.s2_variant == "roll" and (dims.cp > 1 or cfg.data.doc_masking):
+            raise ValueError(
+                "finetune.s2_variant=roll (an ablation) rolls one whole sequence on one device: set the context "
+                "parallel degrees to 1 and data.doc_masking=false"
+            )
+        if getattr(c, "attention_dropout", 0.0):
+            raise ValueError(
+                f"{cfg.finetune.model}: attention_dropout = {c.attention_dropout}; lsts attention has none, set it to 0"
+            )
+
+    def build(self, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype):
+        """``(update, flops per token)``: the recipe's model on the mesh with its engine."""
+        cfg = self.cfg
+        self.model = model = self._recipe_model(device)
+        if cfg.parallel.activation_checkpoint != "none":
+            # transformers' own per-layer checkpointing (non-reentrant: frozen inputs are fine).
+            model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        n_params = sum(p.numel() for p in model.parameters())
+        flops_per_token = 6 * n_params  # attention's share is small at these widths; MFU is approximate
+        if cfg.parallel.dp_engine in zero.ZERO_STAGES:
+            update = zero.ZeroUpdate(
+                model,
+                cfg,
+                device,
+                dtype,
+                loss_fn=lambda m, *row: m(*row),
+                schedule=lr_lambda(cfg),
+                backward_calls=cfg.train.grad_accum * cfg.data.batch_size,
+                dp_cp_size=dims.dp * dims.cp,
+            )
+            return update, flops_per_token
+        engine = model
+        if dims.dp * dims.cp > 1 and cfg.parallel.dp_engine == "fsdp2":
+            shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+            policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            for layer in model.causal_lm.get_decoder().layers:
+                fully_shard(layer, mesh=shard_mesh, mp_policy=policy)
+            fully_shard(model, mesh=shard_mesh, mp_policy=policy)
+        elif dims.dp * dims.cp > 1:
+            engine = DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
+        elif dtype != torch.float32:
+            model.to(dtype)
+        return TorchUpdate(engine, cfg, loss=engine), flops_per_token
+
+    def _recipe_model(self, device: torch.device) -> CausalLMLoss:
+        cfg, f = self.cfg, self.cfg.finetune
+        hf = load_extended(f.model, cfg.data.seq_len).to(device)
+        ctx = AttentionContext(backend=cfg.kernels.attention)
+        hf = prepare(hf, f.method, cfg.data.seq_len, ctx, r=f.lora_r, alpha=f.lora_alpha, s2_variant=f.s2_variant)
+        return CausalLMLoss(hf, cfg.kernels.loss_chunk_size, cfg.kernels.loss)
+
+    def finish(self, update) -> None:
+        """Write ``out/merged`` (rank 0) from the gathered weights; every rank takes part."""
+        if not self.cfg.finetune.merged:
+            return
+        state = full_state_dict(update)
+        if dist.get_rank() == 0:
+            fresh = self._recipe_model(torch.device("cpu"))
+            fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+            path = export_merged(fresh.model, self.cfg.train.out)
+            print(f"merged model saved to {path}", flush=True)
+        dist.barrier()
+
+
+def full_state_dict(update) -> dict[str, torch.Tensor]:
+    """The trained `CausalLMLoss`'s full (unsharded) state dict on rank 0, on CPU; every rank calls."""
+    if isinstance(update, zero.ZeroUpdate):
+        engine = update.engine
+        if engine.zero_optimization_stage() == 3:
+            state = engine._zero3_consolidated_16bit_state_dict() or {}  # DeepSpeed's gather to rank 0
+        else:
+            state = engine.module.state_dict()
+        prefix = "model."  # the engine's module is ZeroUpdate's wrapper around ours
+        return {k.removeprefix(prefix): v.cpu() for k, v in state.items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(update.model, options=options)
+
+
+def finetune(cfg: FinetuneRunConfig) -> dict:
+    """Run the configured fine-tuning; returns the last step's metrics."""
+    from lsts.train.trainer import train
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return train(cfg, FinetuneJob(cfg))
+
+
+__all__ = ["CausalLMLoss", "FinetuneJob", "finetune", "full_state_dict"]
