@@ -18,10 +18,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from lsts.attention import LOCAL, AttentionContext, attention
+from lsts.inference.decode import split_k_attention
 from lsts.kernels.attention import CAUSAL, Span
 from lsts.kernels.attention import attention as local_attention
 
 NAME = "lsts"
+DECODE_UNIT = 4096  # keys per split-K work unit when decoding against a longer cache
 
 
 def _runs(valid: torch.Tensor) -> list[int]:
@@ -41,16 +43,29 @@ def lsts_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The attention-interface entry: ``query [B, H, Sq, D]``, ``key, value [B, H_kv, Sk, D]`` ->
-    ``([B, Sq, H, D], None)``."""
+    ``([B, Sq, H, D], None)``.
+
+    A module's ``lsts_observer`` (e.g. `lsts.inference.H2OCache`, which scores the keys it keeps)
+    gets ``observe(layer_idx, q, k, lse, scaling)`` after each call, tensors in BSHD."""
     if dropout:
         raise ValueError(f"lsts attention has no dropout (got {dropout}); set the model's attention_dropout to 0")
     span, ctx = getattr(module, "lsts_span", CAUSAL), getattr(module, "lsts_ctx", LOCAL)
+    observer = getattr(module, "lsts_observer", None)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    if q.shape[1] != k.shape[1]:  # decoding against a cache: the queries are the last keys
+    if q.shape[1] != k.shape[1] or observer is not None:  # against a cache: the queries are the last keys
         if ctx.mode != "local":
             raise ValueError("decoding with a KV cache runs local attention; give the model ctx=LOCAL")
+        if observer is not None and attention_mask is not None:
+            raise ValueError("an attention observer (H2O cache) needs an unpadded batch; got a padding mask")
         offset = k.shape[1] - q.shape[1]
-        return local_attention(q, k, v, span=span, softmax_scale=scaling, q_offset=offset, backend=ctx.backend)[0], None
+        if span == CAUSAL and observer is None and not torch.is_grad_enabled() and k.shape[1] > DECODE_UNIT:
+            # A long cache: equal units of keys whose partial (out, lse) merge (split-K, Lean Attention).
+            n_splits = -(-k.shape[1] // DECODE_UNIT)
+            return split_k_attention(q, k, v, n_splits, softmax_scale=scaling, backend=ctx.backend)[0], None
+        out, lse = local_attention(q, k, v, span=span, softmax_scale=scaling, q_offset=offset, backend=ctx.backend)
+        if observer is not None:
+            observer.observe(module.layer_idx, q, k, lse, scaling)
+        return out, None
     if attention_mask is None:
         return attention(q, k, v, span, ctx, softmax_scale=scaling), None
     if ctx.mode != "local":
@@ -92,4 +107,4 @@ def use_lsts_attention(model: nn.Module, span: Span | list[Span] = CAUSAL, ctx: 
     return model
 
 
-__all__ = ["NAME", "lsts_attention_forward", "register", "use_lsts_attention"]
+__all__ = ["NAME", "attention_modules", "lsts_attention_forward", "register", "use_lsts_attention"]
