@@ -1,7 +1,8 @@
 """Ring attention with spans (window, block, LongLoRA S², SinkLoRA SF) and packed documents against
 the float64 single-process oracle with the mask written out, on 2 and 3 gloo ranks, zigzag and
-contiguous layouts: out, lse, dq, dk, dv. Ulysses takes the spans that do not shift heads. One
-spawn per world size runs every case."""
+contiguous layouts: out, lse, dq, dk, dv. Spans whose reach fits a run take the halo exchange, the
+others the ring. Ulysses takes the spans that do not shift heads. One spawn per world size runs
+every case."""
 
 import pytest
 import torch
@@ -17,12 +18,18 @@ CHUNK, HEADS, KV_HEADS, HEAD_DIM = 13, 6, 2, 16
 SPANS = {
     "causal": Span("causal"),
     "window-9": Span("window", 9),  # narrower than a run (13): the halo exchange
-    "window-20": Span("window", 20),  # wider: the ring, visiting only reachable runs
+    "window-20": Span("window", 20),  # wider: the ring (zigzag), visiting only reachable runs
     "block-10": Span("block", 10),
     "block-16": Span("block", 16),
-    "s2-12": Span("s2", 12),
+    "s2-12": Span("s2", 12),  # groups straddle runs: the halo
     "sf-12-sink4": Span("sf", 12, 4),
+    "s2-40": Span("s2", 40),  # reach wider than a run (zigzag): the ring
+    "sf-12-sink16": Span("sf", 12, 16),  # sinks beyond rank 0's first run: the ring
 }
+# LongLoRA's alignment: the group is a run (N = 2 * world * ALIGNED_CHUNK), so groups lie inside
+# ranks and only the shifted half-groups straddle them; the value is n_sink (0: S²).
+ALIGNED_CHUNK = 16
+ALIGNED = {"s2-aligned": 0, "sf-aligned-sink4": 4}
 
 
 def _documents(n):
@@ -35,20 +42,30 @@ CASES = [
     (method, layout, span, docs)
     for method in METHODS
     for layout in ("zigzag", "contiguous")
-    for span in SPANS
+    for span in (*SPANS, *ALIGNED)
     for docs in (False, True)
-    if method == "ring" or not SPANS[span].shifts_heads
+    if method == "ring" or not (span in ALIGNED or SPANS[span].shifts_heads)
 ]
+
+
+def _problem(layout: str, span_name: str, world: int) -> tuple[int, Span]:
+    """Sequence length and span of a case."""
+    if span_name in ALIGNED:
+        n = 2 * world * ALIGNED_CHUNK
+        run = n // (2 * world) if layout == "zigzag" else n // world
+        n_sink = ALIGNED[span_name]
+        return n, Span("sf" if n_sink else "s2", run, n_sink)
+    return (2 if layout == "zigzag" else 1) * CHUNK * world, SPANS[span_name]
 
 
 def _all_cases(rank, world):
     results = {}
     for method, layout, span_name, with_docs in CASES:
-        n = (2 if layout == "zigzag" else 1) * CHUNK * world
+        n, span = _problem(layout, span_name, world)
         g = torch.Generator().manual_seed(len(results))
         q, dout = (torch.randn(1, n, HEADS, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
         k, v = (torch.randn(1, n, KV_HEADS, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
-        span, cu = SPANS[span_name], (_documents(n) if with_docs else None)
+        cu = _documents(n) if with_docs else None
         local = [shard_sequence(x, layout=layout).requires_grad_() for x in (q, k, v)]
         fn = METHODS[method]
         out, lse = fn(*local, layout=layout, span=span, cu_seqlens=cu, return_lse=True, backend="torch")
@@ -114,29 +131,101 @@ def test_halo_serves_narrow_windows_only():
     assert not halo_applies(Span("window", 4), "stripe", 26, 2)
 
 
+def test_halo_serves_s2_and_sf_whose_reach_fits_a_run():
+    from lsts.parallel.halo import halo_applies, halo_width
+
+    # LongLoRA's G = N/4 (N = 1024) on zigzag: a run is N/(2P); shifted half-groups reach G/2 back.
+    assert halo_applies(Span("s2", 256), "zigzag", 512, 2)  # run 256: width G/2 = 128
+    assert halo_width(Span("s2", 256), "zigzag", 512, 2) == 128
+    assert halo_applies(Span("s2", 256), "zigzag", 256, 4)  # run 128: width 128
+    assert not halo_applies(Span("s2", 256), "zigzag", 128, 8)  # run 64: groups span 4 runs
+    assert halo_applies(Span("sf", 256, 4), "zigzag", 512, 2)
+    assert not halo_applies(Span("sf", 16, 20), "zigzag", 32, 2)  # sinks beyond rank 0's first run
+    assert not halo_applies(Span("s2", 16), "zigzag", 32, 1)  # one rank: nothing to exchange
+    assert not halo_applies(Span("s2", 16), "stripe", 32, 2)
+    # Groups of a run's length aligned with the runs: the unshifted heads need no halo at all.
+    assert halo_width(Span("s2", 32), "contiguous", 32, 4) == 16
+    assert halo_width(Span("block", 32), "contiguous", 32, 4) == 0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_spans_take_the_halo_where_it_fits(world):
+    """The oracle cases above exercise both paths: which spans take the halo on each layout."""
+    from lsts.parallel.halo import halo_applies
+
+    halo = {
+        (layout, name): halo_applies(span, layout, n // world, world)
+        for layout in ("zigzag", "contiguous")
+        for name in (*SPANS, *ALIGNED)
+        for n, span in [_problem(layout, name, world)]
+    }
+    for name in ("s2-12", "sf-12-sink4", "s2-aligned", "sf-aligned-sink4", "window-9", "block-10", "block-16"):
+        assert halo["zigzag", name] and halo["contiguous", name], name
+    for name in ("causal", "window-20", "s2-40", "sf-12-sink16"):
+        assert not halo["zigzag", name], name
+    assert not halo["contiguous", "sf-12-sink16"]
+
+
 def test_halo_traffic_follows_the_window_not_n():
-    sent = run_ranks(_count_halo_elements, 2)
+    sent = [r[0] for r in run_ranks(_count_halo_elements, 2, [(Span("window", 9), 2 * 2 * 64, "zigzag")])]
     # rank 0 of zigzag sends run A's tail to rank 1; rank 1 sends run B's tail back: w - 1 tokens of
     # K and V each way (batch 1, 2 K/V heads, head dim 16), whatever the sequence length.
     per_token = 2 * KV_HEADS * HEAD_DIM
-    assert sent == [(8 * per_token, 8 * per_token)] * 2
+    assert sent == [(8 * per_token, 8 * per_token, 0)] * 2
 
 
-def _count_halo_elements(rank, world):
+def test_aligned_s2_sf_traffic_is_half_a_group_and_the_sinks():
+    """LongLoRA-aligned S² / SF (G = 64 divides every run) at two sequence lengths: only the shifted
+    half-groups that straddle ranks move (G/2 tokens of K and V per message), plus SF's sinks once
+    from rank 0, and the same back in the backward; nothing goes round the ring."""
+    g, n_sink, per_token = 64, 4, 2 * KV_HEADS * HEAD_DIM
+    cases = [
+        (Span(kind, g, sinks), n, layout)
+        for layout in ("zigzag", "contiguous")
+        for kind, sinks in (("s2", 0), ("sf", n_sink))
+        for n in (2 * 2 * 64, 2 * 2 * 256)
+    ]
+    sent = run_ranks(_count_halo_elements, 2, cases)
+    half = g // 2 * per_token
+    sink = n_sink * per_token
+    want = {  # (layout, kind): [(forward, backward, ring) per rank]
+        ("zigzag", "s2"): [(half, half, 0), (half, half, 0)],
+        ("zigzag", "sf"): [(half + sink, half, 0), (half, half + sink, 0)],
+        ("contiguous", "s2"): [(half, 0, 0), (0, half, 0)],
+        ("contiguous", "sf"): [(half + sink, 0, 0), (0, half + sink, 0)],
+    }
+    for i, (span, n, layout) in enumerate(cases):
+        assert [s[i] for s in sent] == want[layout, span.kind], (span, n, layout)
+
+
+def _count_halo_elements(rank, world, cases):
+    """Per case ``(span, n, layout)``: elements this rank sends in the halo exchange of the forward
+    and of the backward, and round the ring."""
     import lsts.parallel.halo as halo
+    from lsts.parallel import RingComm
 
-    counts, real = [], halo._exchange
+    counts, ring_sent = [], [0]
+    real, real_send = halo._exchange, RingComm.send_recv
 
     def counting(group, outgoing, incoming):
         counts.append(sum(t.numel() for _, t in outgoing))
         real(group, outgoing, incoming)
 
-    halo._exchange = counting
+    def counting_ring(self, tensor):
+        ring_sent[0] += tensor.numel()
+        return real_send(self, tensor)
+
+    halo._exchange, RingComm.send_recv = counting, counting_ring
+    results = []
     try:
-        n = 2 * world * 64
-        x = torch.randn(1, n, KV_HEADS, HEAD_DIM, dtype=torch.float64)
-        local = shard_sequence(x, layout="zigzag").requires_grad_()
-        ring_attention(local, local, local, span=Span("window", 9), backend="torch").sum().backward()
+        for span, n, layout in cases:
+            counts.clear()
+            ring_sent[0] = 0
+            q = shard_sequence(torch.randn(1, n, HEADS, HEAD_DIM, dtype=torch.float64), layout=layout)
+            kv = shard_sequence(torch.randn(1, n, KV_HEADS, HEAD_DIM, dtype=torch.float64), layout=layout)
+            q, kv = q.requires_grad_(), kv.requires_grad_()
+            ring_attention(q, kv, kv, layout=layout, span=span, backend="torch").sum().backward()
+            results.append((*counts, ring_sent[0]))  # (forward, backward, ring)
     finally:
-        halo._exchange = real
-    return tuple(counts)  # (forward, backward)
+        halo._exchange, RingComm.send_recv = real, real_send
+    return results

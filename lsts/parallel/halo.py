@@ -1,98 +1,201 @@
-"""Halo exchange: window and block spans under context parallelism with neighbour traffic only.
+"""Halo exchange: window, block, S² and SF spans under context parallelism with neighbour traffic only.
 
-A query at global position i of a window span sees keys ``i-w+1 .. i``; of a block span, the keys
-of its block since the block's start. So each contiguous run of a shard (one under the contiguous
-layout, two under zigzag) needs only the ``width = size - 1`` tokens of K/V just before it, which
-live on one neighbouring rank (or, for zigzag's second run on the middle rank, on itself). One
-exchange of those tokens replaces the ring's P - 1 full K/V steps: bytes ∝ w, not N.
+Every span served here bounds how far back a query looks (``ALGORITHMS.md`` §5-§7): a window the
+previous w keys, a block its block's start, LongLoRA's S² (and SinkLoRA's SF) the start of its
+group, shifted by G/2 on the second half of the heads. So each contiguous run of a shard (one under
+the contiguous layout, two under zigzag) needs only the ``width`` tokens of K/V just before it,
+which live on one neighbouring rank (or, for zigzag's second run on the last rank, on itself).
+`halo_width` computes that width from the span and the layout alone (every rank gets the same value
+without a collective). One exchange of those tokens replaces the ring's P - 1 full K/V steps:
+bytes ∝ the span, not N. When S²/SF groups are aligned with the runs (the group a multiple of the
+run, LongLoRA's G = N/4 with few ranks) the unshifted heads need nothing and the shifted heads need
+G/2 tokens: only the half-groups that straddle ranks travel.
 
-The exchange is differentiable: its backward sends the halo's dK/dV back to the ranks that own
-those tokens. Attention then runs locally on ``[halo, run]`` keys at their global offsets, so the
-span mask (and packed documents) are evaluated exactly as on one device.
+SF's sinks (the first ``n_sink`` tokens, inside rank 0's first run) are sent once by rank 0 to every
+rank whose runs' key blocks start after them; a run attends them as a second key block, merged with
+its main block ``[halo, run]`` by the (out, lse) rule of ``ALGORITHMS.md`` §1. Its backward runs
+each block with the queries' global out and lse, as ring attention does, so it is exact.
+
+The exchange is differentiable: its backward sends the received tokens' dK/dV back to the ranks
+that own them. Attention runs at global offsets, so the span mask (and packed documents) are
+evaluated exactly as on one device.
+
+Limits: the halo carries every K/V head. For aligned S²/SF only the K/V heads that serve shifted
+query heads (the second half of them) are needed, a 2x saving left for later. Packed documents do
+not narrow the halo. Spans wider than a run (S² with G = N/4 on 8 ranks) take the ring.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import Documents, Span
-from lsts.kernels.attention import attention as local_attention
+from lsts.kernels.attention import Documents, Span, attention_bwd, attention_fwd, merge_into
 from lsts.parallel.sharding import shard_chunks
 
+HALO_KINDS = ("window", "block", "s2", "sf")
 
-def halo_width(span: Span) -> int:
-    """Keys before a run that its queries may need (0 for spans the halo does not serve)."""
-    return span.size - 1 if span.kind in ("window", "block") else 0
+
+def _run_length(layout: str, s_local: int) -> int:
+    return s_local // 2 if layout == "zigzag" else s_local
+
+
+def halo_width(span: Span, layout: str, s_local: int, world: int) -> int:
+    """Keys before a run that its queries may need: the largest ``first - lo`` over the runs of every
+    rank, ``lo`` being the first key (sinks aside) any head of the run's queries reaches. 0 for spans
+    the halo does not serve. A pure function of its arguments: every rank computes the same."""
+    if span.kind not in HALO_KINDS:
+        return 0
+    shifts = {span.shift(0, 2), span.shift(1, 2)}
+    width = 0
+    for rank in range(world):
+        for rows, first in shard_chunks(layout, rank, world, s_local):
+            last = first + rows.stop - rows.start - 1
+            lo = min(span.key_range(first, last, s)[0] for s in shifts)
+            width = max(width, first - lo)
+    return width
 
 
 def halo_applies(span: Span, layout: str, s_local: int, world: int) -> bool:
-    """The halo serves window and block spans whose width fits inside one run of a shard."""
-    if span.kind not in ("window", "block") or layout not in ("contiguous", "zigzag") or world == 1:
+    """The halo serves window, block, S² and SF spans on zigzag or contiguous shards over more than
+    one rank when the halo fits inside one run (it then lives on one rank) and SF's sinks lie inside
+    rank 0's first run."""
+    if span.kind not in HALO_KINDS or layout not in ("contiguous", "zigzag") or world == 1:
         return False
-    run = s_local // 2 if layout == "zigzag" else s_local
-    return halo_width(span) <= run
+    run = _run_length(layout, s_local)
+    return halo_width(span, layout, s_local, world) <= run and span.n_sink <= run
 
 
-def _plan(layout: str, rank: int, world: int, s_local: int, width: int):
-    """Per run: (local slice, global start, source of its halo) where the source is
-    ("recv", peer), ("local", slice of our own tokens) or None (the sequence starts there); and the
-    sends: (peer, local slice of our tokens to send)."""
-    runs = shard_chunks(layout, rank, world, s_local)
-    plan, sends = [], []
-    if layout == "contiguous":
-        (rows, first), *_ = runs
-        plan.append((rows, first, ("recv", rank - 1) if rank > 0 else None))
-        if rank < world - 1:
-            sends.append((rank + 1, slice(s_local - width, s_local)))
-        return plan, sends
-    (a_rows, a_first), (b_rows, b_first) = runs
-    plan.append((a_rows, a_first, ("recv", rank - 1) if rank > 0 else None))
-    # Run B (global chunk 2P-1-r) follows chunk 2P-2-r: rank r+1's run B, or our own run A on the last rank.
-    plan.append((b_rows, b_first, ("recv", rank + 1) if rank < world - 1 else ("local", _tail(a_rows, width))))
-    if rank < world - 1:
-        sends.append((rank + 1, _tail(a_rows, width)))
-    if rank > 0:
-        sends.append((rank - 1, _tail(b_rows, width)))
-    return plan, sends
+@dataclass(frozen=True)
+class _Run:
+    """One contiguous run of this rank's shard and the key blocks its queries attend."""
+
+    rows: slice  # local rows (queries, and the run's own keys)
+    first: int  # global position of its first token
+    halo: tuple[str, int | slice] | None  # ("recv", peer), ("local", our rows) or None: no halo
+    n_sink: int  # sink rows attended as a second key block (0: none)
+
+
+def _runs(span: Span, layout: str, rank: int, world: int, s_local: int, width: int) -> list[_Run]:
+    chunks = shard_chunks(layout, rank, world, s_local)
+    out = []
+    for i, (rows, first) in enumerate(chunks):
+        halo = None
+        if width and first:  # a sequence's first run has nothing before it
+            if i == 0:
+                halo = ("recv", rank - 1)
+            elif rank < world - 1:  # zigzag run B (chunk 2P-1-r) follows rank r+1's run B...
+                halo = ("recv", rank + 1)
+            else:  # ...or, on the last rank, our own run A (chunk P-1)
+                halo = ("local", _tail(chunks[0][0], width))
+        out.append(_Run(rows, first, halo, min(span.n_sink, max(0, first - width))))
+    return out
 
 
 def _tail(rows: slice, width: int) -> slice:
     return slice(rows.stop - width, rows.stop)
 
 
+def _messages(span, layout, rank, world, s_local, width, runs):
+    """``(sends, recvs)`` of this rank: ``sends`` (peer, our local rows), ``recvs`` (peer, rows,
+    name). Halos come before sinks on both ends of every pair, the order `_exchange` relies on."""
+    sends, recvs = [], []
+    for i, run in enumerate(runs):
+        if run.halo is not None and run.halo[0] == "recv":
+            recvs.append((run.halo[1], width, f"halo{i}"))
+    if width:
+        chunks = shard_chunks(layout, rank, world, s_local)
+        if rank < world - 1:  # our first run's tail opens rank r+1's first run
+            sends.append((rank + 1, _tail(chunks[0][0], width)))
+        if layout == "zigzag" and rank > 0:  # our second run's tail opens rank r-1's second run
+            sends.append((rank - 1, _tail(chunks[1][0], width)))
+    if span.n_sink:
+        if rank == 0:
+            for peer in range(1, world):
+                need = max(r.n_sink for r in _runs(span, layout, peer, world, s_local, width))
+                if need:
+                    sends.append((peer, slice(0, need)))
+        else:
+            need = max(r.n_sink for r in runs)
+            if need:
+                recvs.append((0, need, "sinks"))
+    return sends, recvs
+
+
 def _exchange(group, outgoing: list[tuple[int, torch.Tensor]], incoming: list[tuple[int, torch.Tensor]]) -> None:
-    """One batch of P2P sends and receives (peers are ranks of ``group``)."""
+    """One batch of P2P sends and receives (peers are ranks of ``group``). The i-th message between
+    two ranks in one direction gets tag i: NCCL matches messages by their order, which both ends list
+    alike, and gloo by tag."""
     group = group or dist.group.WORLD
-    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, p), group) for p, t in outgoing]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p), group) for p, t in incoming]
+    ops = []
+    for op, messages in ((dist.isend, outgoing), (dist.irecv, incoming)):
+        count = Counter()
+        for peer, t in messages:
+            assert op is dist.isend or t.is_contiguous(), "a receive must land in the caller's buffer"
+            ops.append(dist.P2POp(op, t.contiguous(), dist.get_global_rank(group, peer), group, tag=count[peer]))
+            count[peer] += 1
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
 
 
-class _Halo(torch.autograd.Function):
-    """``kv [2, B, S_local, H_kv, D]`` -> ``(kv, *halos received)``. ``kv`` passes through so that
+class _Exchange(torch.autograd.Function):
+    """``kv [2, B, S_local, H_kv, D]`` -> ``(kv, *tokens received)``. ``kv`` passes through so that
     every rank, also one that receives nothing, takes part in the backward exchange."""
 
     @staticmethod
-    def forward(ctx, kv, group, width, sources, sends):
-        shape = (*kv.shape[:2], width, *kv.shape[3:])
-        recvs = [(peer, kv.new_empty(shape)) for peer in sources]
-        _exchange(group, [(peer, kv[:, :, rows]) for peer, rows in sends], recvs)
-        ctx.args = (group, width, sources, sends)
-        return (kv.view_as(kv), *(t for _, t in recvs))
+    def forward(ctx, kv, group, sends, recvs):
+        incoming = [(peer, kv.new_empty((*kv.shape[:2], n, *kv.shape[3:]))) for peer, n in recvs]
+        _exchange(group, [(peer, kv[:, :, rows]) for peer, rows in sends], incoming)
+        ctx.args = (group, sends, recvs)
+        return (kv.view_as(kv), *(t for _, t in incoming))
 
     @staticmethod
-    def backward(ctx, grad_kv, *grad_halos):
-        group, width, sources, sends = ctx.args
+    def backward(ctx, grad_kv, *grad_received):
+        group, sends, recvs = ctx.args
         grad_kv = grad_kv.clone()
-        grad_halos = [g if g is not None else grad_kv.new_zeros(grad_kv[:, :, :width].shape) for g in grad_halos]
+        shape = lambda n: (*grad_kv.shape[:2], n, *grad_kv.shape[3:])  # noqa: E731
+        grads = [g if g is not None else grad_kv.new_zeros(shape(n)) for g, (_, n) in zip(grad_received, recvs)]
         back = [(peer, grad_kv.new_empty(grad_kv[:, :, rows].shape)) for peer, rows in sends]
-        _exchange(group, list(zip(sources, grad_halos)), back)  # halo gradients go home
+        _exchange(group, [(peer, g) for (peer, _), g in zip(recvs, grads)], back)  # gradients go home
         for (_, rows), (_, g) in zip(sends, back):
             grad_kv[:, :, rows] += g
-        return grad_kv, None, None, None, None
+        return grad_kv, None, None, None
+
+
+class _BlocksAttention(torch.autograd.Function):
+    """Queries against several disjoint key blocks ``kv [2, B, S_i, H_kv, D]`` at global offsets:
+    forward merges the blocks' (out, lse); backward runs each block with the global out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, scale, span, backend, q_offset, k_offsets, docs, *kvs):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_zeros(q.shape, dtype=acc)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        for kv, k_offset in zip(kvs, k_offsets):
+            o, l = attention_fwd(q, *kv, scale, span, backend, q_offset, k_offset, docs)
+            merge_into(out, lse, o, l)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, out, lse, *kvs)
+        ctx.args = (scale, span, backend, q_offset, k_offsets, docs)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, out, lse, *kvs = ctx.saved_tensors
+        scale, span, backend, q_offset, k_offsets, docs = ctx.args
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        dkvs = []
+        for kv, k_offset in zip(kvs, k_offsets):
+            dq_b, dk, dv = attention_bwd(dout, q, *kv, out, lse, scale, span, backend, q_offset, k_offset, docs)
+            dq += dq_b
+            dkvs.append(torch.stack([dk, dv]).to(kv.dtype))
+        return dq.to(q.dtype), None, None, None, None, None, None, *dkvs
 
 
 def halo_attention(
@@ -106,27 +209,29 @@ def halo_attention(
     backend: str,
     docs: Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of a window or block span over a sharded sequence (see `halo_applies`);
-    inputs as in `ring_attention`, already validated by the caller."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    width = halo_width(span)
-    plan, sends = _plan(layout, rank, world, q.shape[1], width)
-    sources = [src[1] for *_, src in plan if src is not None and src[0] == "recv"]
-    kv, *halos = _Halo.apply(torch.stack([k, v]), group, width, sources, sends)
-    halos = iter(halos)
+    """``(out, lse)`` of a window, block, S² or SF span over a sharded sequence (see
+    `halo_applies`); inputs as in `ring_attention`, already validated by the caller."""
+    rank, world, s_local = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
+    width = halo_width(span, layout, s_local, world)
+    runs = _runs(span, layout, rank, world, s_local, width)
+    sends, recvs = _messages(span, layout, rank, world, s_local, width, runs)
+    kv, *received = _Exchange.apply(torch.stack([k, v]), group, sends, [(p, n) for p, n, _ in recvs])
+    received = dict(zip((name for *_, name in recvs), received))
     outs, lses = [], []
-    for rows, first, src in plan:
-        keys, k_first = kv[:, :, rows], first
-        if src is not None:
-            before = next(halos) if src[0] == "recv" else kv[:, :, src[1]]
-            keys, k_first = torch.cat([before, keys], dim=2), first - width
-        out, lse = local_attention(
-            q[:, rows], keys[0], keys[1], softmax_scale=softmax_scale, backend=backend, span=span,
-            q_offset=first, k_offset=k_first, cu_seqlens=docs,
-        )  # fmt: skip
+    for i, run in enumerate(runs):
+        blocks, offsets = [kv[:, :, run.rows]], [run.first]
+        if run.halo is not None:
+            before = received[f"halo{i}"] if run.halo[0] == "recv" else kv[:, :, run.halo[1]]
+            blocks[0], offsets[0] = torch.cat([before, blocks[0]], dim=2), run.first - width
+        if run.n_sink:  # sinks before the main block; on rank 0 they are our own first rows
+            sinks = kv if rank == 0 else received["sinks"]
+            blocks.append(sinks[:, :, : run.n_sink])
+            offsets.append(0)
+        q_run = q[:, run.rows]
+        out, lse = _BlocksAttention.apply(q_run, softmax_scale, span, backend, run.first, tuple(offsets), docs, *blocks)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
 
 
-__all__ = ["halo_applies", "halo_attention", "halo_width"]
+__all__ = ["HALO_KINDS", "halo_applies", "halo_attention", "halo_width"]

@@ -152,8 +152,9 @@ def ring_attention(
     ``span`` (a `Span`; overrides ``causal``) and ``cu_seqlens`` (document boundaries of the
     *global* packed sequence, the same on every rank) need layout zigzag or contiguous: each ring
     step attends only the pairs of contiguous runs the span can reach, at their global offsets.
-    Window and block spans no wider than a run skip the ring: a halo exchange with the neighbours
-    brings the few keys they need (`lsts.parallel.halo`), so traffic is ∝ the span, not N.
+    Window, block, S² and SF spans whose reach fits inside a run skip the ring: a halo exchange with
+    the neighbours brings the few keys they need, and rank 0 sends SF's sinks once
+    (`lsts.parallel.halo`), so traffic is ∝ the span, not N.
     """
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
