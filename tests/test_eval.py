@@ -31,7 +31,7 @@ def _model(checkpoint, ctx):
 def _perplexity(rank, world, checkpoint):
     ctx = AttentionContext(mode="ring" if world > 1 else "local", backend="torch")
     stream = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(0))
-    return perplexity_by_length(_model(checkpoint, ctx), stream, [64, 128], ctx, stride=100, max_windows=3)
+    return perplexity_by_length(_model(checkpoint, ctx), stream, [64, 128], ctx, stride=40, max_windows=3)
 
 
 def test_sequence_parallel_perplexity_equals_one_process(checkpoint):
@@ -39,6 +39,28 @@ def test_sequence_parallel_perplexity_equals_one_process(checkpoint):
     for got in run_ranks(_perplexity, 2, checkpoint):
         assert got.keys() == want.keys()
         assert all(abs(got[n] - want[n]) < 1e-10 * want[n] for n in want), (got, want)
+
+
+def test_every_length_scores_the_same_tokens(checkpoint):
+    """Windows end at the same places for every length and score their last ``stride`` tokens, so a
+    model that ignores its context has the same perplexity at every length."""
+    from lsts.finetune import evaluate
+
+    seen = []
+    real = evaluate.window_loss
+
+    def spy(model, tokens, ctx, scored):
+        seen.append((tokens[-scored:].tolist(), scored))
+        return real(model, tokens, ctx, scored)
+
+    stream = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(1))
+    ctx = AttentionContext(backend="torch")
+    evaluate.window_loss = spy
+    try:
+        perplexity_by_length(_model(checkpoint, ctx), stream, [64, 128], ctx, stride=32, max_windows=2)
+    finally:
+        evaluate.window_loss = real
+    assert seen[:2] == seen[2:] and all(n == 32 for _, n in seen)
 
 
 def test_one_forward_passkey_check_agrees_with_greedy_generation(checkpoint):

@@ -164,3 +164,13 @@ def test_missing_model_is_a_clear_error(tmp_path):
         from lsts.finetune.trainer import FinetuneJob
 
         FinetuneJob(load_finetune_config([f"--model={tmp_path / 'nothing'}"]))
+
+
+def test_shipped_finetune_configs_load_and_validate():
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parent.parent / "configs" / "finetune").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_finetune_config(["--config", str(path)])
+        assert cfg.finetune.method in ("lora", "longlora", "sinklora", "full") and cfg.finetune.model

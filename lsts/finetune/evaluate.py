@@ -2,10 +2,12 @@
 passkey retrieval by length and depth, with full causal attention, sequence-parallel over every
 rank for long inputs.
 
-Perplexity (LongLoRA's protocol): windows of ``length`` tokens starting every ``stride`` (256)
-tokens of a held-out token stream; the loss of every prediction inside each window, averaged over
-all windows of that length. Each window is sharded over the ranks (zigzag, ring attention), so a
-window longer than one device holds still fits.
+Perplexity by context length (sliding windows, LongLoRA's stride of 256): windows of ``length``
+tokens ending every ``stride`` tokens at the end of a held-out stream, each scoring only its last
+``stride`` predictions. Every length then scores the *same* tokens, each seen with between
+``length - stride`` and ``length`` tokens of context, so the numbers compare across lengths. Each
+window is sharded over the ranks (zigzag, ring attention), so a window longer than one device holds
+still fits.
 
 Passkey retrieval (Mohtashami & Jaggi; LongLoRA's prompt): a 5-digit key hidden at a relative
 depth inside repeated filler sentences, then "What is the pass key? The pass key is". Greedy
@@ -28,6 +30,7 @@ from lsts.attention import AttentionContext
 from lsts.finetune.trainer import CausalLMLoss
 from lsts.models.hf import attention_modules
 from lsts.parallel import gather_sequence, shard_sequence
+from lsts.train.data import IGNORE_INDEX
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -47,14 +50,19 @@ def _world(ctx: AttentionContext) -> int:
 
 
 @torch.no_grad()
-def window_loss(model: CausalLMLoss, tokens: torch.Tensor, ctx: AttentionContext) -> tuple[float, int]:
-    """Summed next-token loss and count over one window ``tokens [L + 1]`` (sharded under ``ctx``)."""
-    inputs, labels = tokens[None, :-1], tokens[None, 1:]
+def window_loss(
+    model: CausalLMLoss, tokens: torch.Tensor, ctx: AttentionContext, scored: int | None = None
+) -> tuple[float, int]:
+    """Summed next-token loss over the last ``scored`` predictions (all by default) of one window
+    ``tokens [L + 1]``, and their count; the window is sharded under ``ctx``."""
+    inputs, labels = tokens[None, :-1], tokens[None, 1:].clone()
+    if scored is not None:
+        labels[:, : labels.shape[1] - scored] = IGNORE_INDEX
     positions = torch.arange(inputs.shape[1])[None]
     loss = model(*(_shard(x, ctx) for x in (inputs, positions)), ctx, _shard(labels, ctx))
     if ctx.mode != "local":
         dist.all_reduce(loss, group=ctx.ring_group)
-    return float(loss), labels.numel()
+    return float(loss), int((labels != IGNORE_INDEX).sum())
 
 
 def perplexity_by_length(
@@ -65,15 +73,20 @@ def perplexity_by_length(
     stride: int = 256,
     max_windows: int = 8,
 ) -> dict[int, float]:
-    """Perplexity at each context length over windows every ``stride`` tokens of ``stream``."""
+    """Perplexity at each context length: windows of ``length`` tokens ending every ``stride``
+    tokens at the end of ``stream``, each scoring its last ``stride`` predictions."""
+    need = max(lengths) + stride * (max_windows - 1) + 1
+    if len(stream) < need:
+        raise ValueError(
+            f"the evaluation text has {len(stream)} tokens; {max_windows} windows of up to {max(lengths)} "
+            f"every {stride} need {need}: add text or lower the lengths / windows"
+        )
+    ends = [len(stream) - k * stride for k in range(max_windows)]
     result = {}
     for length in lengths:
-        starts = range(0, len(stream) - length - 1, stride)[:max_windows]
-        if not starts:
-            raise ValueError(f"the evaluation text has {len(stream)} tokens: too few for one window of {length}")
         total, count = 0.0, 0
-        for s in starts:
-            loss, n = window_loss(model, stream[s : s + length + 1], ctx)
+        for end in ends:
+            loss, n = window_loss(model, stream[end - length - 1 : end], ctx, min(stride, length))
             total, count = total + loss, count + n
         result[length] = math.exp(total / count)
     return result
