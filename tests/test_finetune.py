@@ -137,6 +137,32 @@ def test_resume_continues_exactly(checkpoint, one_process, tmp_path):
     _assert_same_run(rows, one_process["longlora"])
 
 
+def test_spt_cp2_equals_one_process_in_its_dense_stage(checkpoint, tmp_path):
+    """Routed FFN, codebook loss and dense attention compose with the ring (sparse MHA needs cp = 1)."""
+    extra = ["--finetune.spt_dense_steps=10", "--finetune.merged=false"]
+    rows = _run(checkpoint, str(tmp_path / "cp2"), 2, *extra, method="spt")
+    _assert_same_run(rows, _run(checkpoint, str(tmp_path / "one"), 1, *extra, method="spt"))
+
+
+def test_spt_switches_to_sparse_attention_and_exports_a_plain_llama(checkpoint, tmp_path):
+    from lsts.finetune import spt
+
+    seen = []
+    real = spt.set_stage
+    spt.set_stage = lambda model, stage: (seen.append(stage), real(model, stage))[1]
+    try:
+        from lsts.finetune.trainer import finetune
+
+        args = [f"--model={checkpoint}", "--method=spt", f"--seq-len={SEQ}", "--steps=3", f"--out={tmp_path}"]
+        finetune(load_finetune_config([*args, *COMMON, "--finetune.spt_dense_steps=1"]))
+    finally:
+        spt.set_stage = real
+    assert seen == ["sparse"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert type(merged.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert not any("spt" in name for name in merged.state_dict())
+
+
 def test_rolled_s2_ablation_trains_on_one_process(checkpoint, tmp_path):
     rows = _run(checkpoint, str(tmp_path / "roll"), 1, "--finetune.s2_variant=roll", "--data.doc_masking=false")
     assert len(rows) == 3 and all(r["loss"] > 0 for r in rows)

@@ -24,7 +24,7 @@ from lsts.config import (
     _f,
 )
 
-Method = Literal["lora", "longlora", "sinklora", "full"]
+Method = Literal["lora", "longlora", "sinklora", "full", "spt"]
 
 
 @dataclass
@@ -32,12 +32,16 @@ class FinetuneConfig:
     """What is fine-tuned, and how."""
 
     model: str = _f("", "Hugging Face checkpoint: a local directory or a hub name already in the local cache")
-    method: Method = _f("longlora", "lora | longlora (S2-Attn + LoRA+) | sinklora (SF-Attn + sinks + LoRA+) | full")
+    method: Method = _f(
+        "longlora",
+        "lora | longlora (S2-Attn + LoRA+) | sinklora (SF-Attn + sinks + LoRA+) | full | spt (sparse MHA, routed FFN)",
+    )
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     s2_variant: Literal["leak_free", "roll"] = _f(
         "leak_free", "S2-Attn grouping: leak_free (default) or the paper's roll, an ablation (one device only)"
     )
+    spt_dense_steps: int = _f(20, "spt: steps of dense attention while the codebooks train, then sparse attention")
     merged: bool = _f(True, "write out/merged: LoRA merged, RoPE factor in the config, save_pretrained")
 
 
@@ -59,7 +63,7 @@ class FinetuneRunConfig(Sections):
     def validate(self) -> None:
         f = self.finetune
         errors = [] if f.model else ["finetune.model is empty; give --model <local HF directory or hub name>"]
-        errors += _at_least("finetune", f, 1, "lora_r", "lora_alpha")
+        errors += _at_least("finetune", f, 1, "lora_r", "lora_alpha") + _at_least("finetune", f, 0, "spt_dense_steps")
         errors += self.common_errors()
         if f.s2_variant == "roll" and f.method != "longlora":
             errors.append(f"finetune.s2_variant=roll is a LongLoRA ablation; method {f.method!r} has no S2 groups")

@@ -5,6 +5,8 @@
   training, LoRA+ (embeddings and every norm trainable besides the adapters).
 - ``sinklora``: SinkLoRA — SF-Attn (the same groups plus 4 global sink tokens), LoRA+.
 - ``full``: every weight trainable, full causal attention.
+- ``spt``: SPT (`lsts.finetune.spt`): sparse MHA by product-quantized key selection, routed FFN,
+  LoRA r=16 on attention and FFN projections.
 
 All extend the positions by linear interpolation: RoPE's factor is ``ceil(target / original)``, and
 the factor is written into the config, so the merged checkpoint runs at the new length in plain
@@ -25,7 +27,7 @@ from lsts.attention import LOCAL, AttentionContext, RolledS2
 from lsts.kernels.attention import CAUSAL, Span
 from lsts.models.hf import attention_modules, use_lsts_attention
 
-METHODS = ("lora", "longlora", "sinklora", "full")
+METHODS = ("lora", "longlora", "sinklora", "full", "spt")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 N_SINK = 4
 
@@ -79,10 +81,16 @@ def prepare(
     r: int = 8,
     alpha: int = 16,
     s2_variant: str = "leak_free",
+    sparse_attention: bool = True,
 ):
     """Put ``model`` on lsts attention with the recipe's span and make the recipe's weights
-    trainable (peft adapters for the LoRA methods). Returns the model to train."""
+    trainable (peft adapters for the LoRA methods). Returns the model to train. ``spt`` keeps its
+    own LoRA rank (16) and needs ``sparse_attention`` false under context parallelism."""
     rec = recipe(method, seq_len, s2_variant)
+    if method == "spt":
+        from lsts.finetune.spt import SPTConfig, prepare_spt
+
+        return prepare_spt(model, SPTConfig(sparse_attention=sparse_attention, backend=ctx.backend), ctx)
     use_lsts_attention(model, span=rec.span, ctx=ctx)
     if not rec.lora:
         return model.requires_grad_(True)
@@ -108,6 +116,10 @@ def export_merged(model, out_dir: str | Path) -> Path:
     factor travels in the config); returns ``out_dir/merged``."""
     path = Path(out_dir) / "merged"
     merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
+    if any(hasattr(m, "spt_pq") for m in merged.modules()):
+        from lsts.finetune.spt import strip_spt
+
+        strip_spt(merged)  # plain transformers runs the dense FFN and attention of the merged weights
     merged.config._attn_implementation = "sdpa"  # a plain load must not need lsts registered
     merged.save_pretrained(path)
     return path

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig
 
 from lsts.attention import AttentionContext
+from lsts.finetune import spt
 from lsts.finetune.config import FinetuneRunConfig
 from lsts.finetune.recipes import export_merged, load_extended, prepare, recipe
 from lsts.kernels.loss import linear_cross_entropy
@@ -34,6 +35,7 @@ from lsts.models.hf import attention_modules
 from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported
 from lsts.train import zero
+from lsts.train.data import IGNORE_INDEX
 from lsts.train.trainer import TorchUpdate, lr_lambda
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -43,12 +45,14 @@ class CausalLMLoss(nn.Module):
     """A causal LM and its loss head as one module: ``forward(tokens, positions, ctx, labels)`` ->
     the summed next-token loss of a row, through `linear_cross_entropy` on the decoder's last hidden
     states and the output embedding, so ``[tokens, vocab]`` logits never exist whole. ``ctx`` (the
-    row's `AttentionContext`, with its packed documents) goes to every attention module."""
+    row's `AttentionContext`, with its packed documents) goes to every attention module. An SPT
+    model adds its weighted codebook loss while training (so its logged loss includes it)."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 4096, backend: str = "auto") -> None:
         super().__init__()
         self.model = model
         self.chunk_size, self.backend = chunk_size, backend
+        self.spt = any(hasattr(m, "spt_pq") for m in model.modules())
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -68,6 +72,8 @@ class CausalLMLoss(nn.Module):
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
+        if self.spt and self.training:  # SPT's codebook loss, a mean: weighted by the row's tokens like the rest
+            loss = loss + spt.aux_loss(self.model) * (labels != IGNORE_INDEX).sum()
         return loss
 
 
@@ -96,6 +102,8 @@ class FinetuneJob:
         cfg.data.tokenizer = resolve_tokenizer(cfg)
         self.recipe = recipe(cfg.finetune.method, cfg.data.seq_len)
         self.model: CausalLMLoss | None = None
+        self.sparse_attention = True  # spt: sparse MHA after the dense steps, unless cp > 1 (see check)
+        self.sparse_on = False
 
     def check(self, dims: ParallelDims, world: int) -> None:
         """Every rank, before any collective."""
@@ -116,6 +124,11 @@ class FinetuneJob:
                 f"method {cfg.finetune.method!r} shifts the groups of half the heads, which an Ulysses head shard "
                 "cannot place; use the ring for context parallelism (parallel.cp_ulysses=1)"
             )
+        # SPT's sparse MHA picks keys anywhere in a query's prefix: it runs on whole sequences only
+        # (lsts.finetune.spt); under cp > 1 the routed FFN still applies, with dense attention.
+        self.sparse_attention = dims.cp == 1
+        if cfg.finetune.method == "spt" and dims.cp > 1 and dist.get_rank() == 0:
+            print("spt with context parallelism: routed FFN and LoRA, dense attention (sparse MHA needs cp = 1)")
         if cfg.finetune.s2_variant == "roll" and (dims.cp > 1 or cfg.data.doc_masking):
             raise ValueError(
                 "finetune.s2_variant=roll (an ablation) rolls one whole sequence on one device: set the context "
@@ -164,8 +177,17 @@ class FinetuneJob:
         cfg, f = self.cfg, self.cfg.finetune
         hf = load_extended(f.model, cfg.data.seq_len).to(device)
         ctx = AttentionContext(backend=cfg.kernels.attention)
-        hf = prepare(hf, f.method, cfg.data.seq_len, ctx, r=f.lora_r, alpha=f.lora_alpha, s2_variant=f.s2_variant)
-        return CausalLMLoss(hf, cfg.kernels.loss_chunk_size, cfg.kernels.loss)
+        hf = prepare(hf, f.method, cfg.data.seq_len, ctx, f.lora_r, f.lora_alpha, f.s2_variant, self.sparse_attention)
+        return CausalLMLoss(hf, cfg.kernels.loss_chunk_size, cfg.kernels.loss).train()  # from_pretrained gives eval()
+
+    def before_step(self, step: int) -> None:
+        """SPT's staging: dense attention while the codebooks train, then sparse (also on resume)."""
+        f = self.cfg.finetune
+        if f.method == "spt" and self.sparse_attention and step > max(f.spt_dense_steps, 1) and not self.sparse_on:
+            spt.set_stage(self.model, "sparse")
+            self.sparse_on = True
+            if dist.get_rank() == 0:
+                print(f"step {step}: SPT switches to sparse attention", flush=True)
 
     def finish(self, update) -> None:
         """Write ``out/merged`` (rank 0) from the gathered weights; every rank takes part."""

@@ -118,9 +118,10 @@ def train(cfg: Config, job=None) -> dict:
 
 class MASFormerJob:
     """What `train` trains by default: a `MASFormer` from ``cfg.model``, parallelized by
-    `lsts.parallel.parallelize.parallelize`. A job gives the loop three things: ``check`` (every
-    rank, before any collective), ``build`` (model, engine and optimizer step on the mesh) and
-    ``finish`` (after the last step); `lsts.finetune.trainer.FinetuneJob` is the other one."""
+    `lsts.parallel.parallelize.parallelize`. A job gives the loop four things: ``check`` (every
+    rank, before any collective), ``build`` (model, engine and optimizer step on the mesh),
+    ``before_step`` and ``finish`` (after the last step); `lsts.finetune.trainer.FinetuneJob` is
+    the other one."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -141,6 +142,9 @@ class MASFormerJob:
             model, dims, mesh, cfg.parallel.dp_engine, cfg.parallel.activation_checkpoint, param_dtype=dtype
         )
         return _build_update(cfg, model, dims, mesh, device, dtype), flops_per_token
+
+    def before_step(self, step: int) -> None:
+        pass
 
     def finish(self, update) -> None:
         pass
@@ -203,6 +207,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
+            job.before_step(step)
             loss, n_tokens = _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device)
             if not math.isfinite(loss):  # before the update, which with ZeRO also computes the norm
                 raise _non_finite(step, loss, "not computed", cfg.train.out)
