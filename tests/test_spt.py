@@ -194,8 +194,9 @@ def _ffn_params(gated, t=37, d=24, hidden=48, seed=0):
         "w_up": torch.randn(hidden, d, generator=g) / 5,
         "w_down": torch.randn(d, hidden, generator=g) / 7,
     }
-    p.update({"w_gate": torch.randn(hidden, d, generator=g) / 5} if gated else {
-        "b_up": torch.randn(hidden, generator=g), "b_down": torch.randn(d, generator=g)})  # fmt: skip
+    p.update({"b_up": torch.randn(hidden, generator=g), "b_down": torch.randn(d, generator=g)})
+    if gated:  # SwiGLU, with an up bias (Llama's mlp_bias=True)
+        p["w_gate"] = torch.randn(hidden, d, generator=g) / 5
     return {k: v.double() for k, v in p.items()}, torch.randn(t, d, generator=g).double()
 
 
@@ -209,7 +210,7 @@ def _ffn_run(backend, dtype, params, dout, gated):
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu-biases"])
+@pytest.mark.parametrize("gated", [True, False], ids=["swiglu-biases", "gelu-biases"])
 def test_routed_ffn_equals_dense_ffn_with_block_mask(backend, dtype, gated):
     params, dout = _ffn_params(gated)
     want, names = _ffn_run("reference", torch.float64, params, dout, gated)

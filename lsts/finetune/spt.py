@@ -114,6 +114,8 @@ class RoutedMLP(nn.Module):
         if self.kind is None:
             raise ValueError(f"{type(mlp).__name__} is neither a gate/up/down SwiGLU nor an fc1/fc2 MLP")
         names = _SWIGLU if self.kind == "swiglu" else _GELU
+        if self.kind == "swiglu" and mlp.gate_proj.bias is not None:
+            raise ValueError(f"{type(mlp).__name__} has a biased gate projection, which the routed FFN does not take")
         for name in names:
             setattr(self, name, getattr(mlp, name))
         self.act = next(getattr(mlp, a) for a in ("act_fn", "activation_fn", "act") if hasattr(mlp, a))

@@ -85,17 +85,21 @@ def _check(x, w_up, w_down, w_gate, n_blocks: int) -> None:
 
 def _ffn_torch(x, routing: Routing, w_up, w_down, act, w_gate, b_up, n_blocks: int) -> torch.Tensor:
     xs = x.index_select(0, routing.src)  # every block's tokens, block after block: one gather
+    scale = routing.scale[:, None].to(x.dtype)
     ys = []
     for e in range(n_blocks):
         lo, hi = routing.offsets[e], routing.offsets[e + 1]
         if lo == hi:
             continue
-        x_e = xs[lo:hi]
-        up = torch.nn.functional.linear(x_e, _block(w_up, e, n_blocks, 0), _block(b_up, e, n_blocks, 0))
-        hid = act(up) if w_gate is None else act(x_e @ _block(w_gate, e, n_blocks, 0).T) * up
-        ys.append(hid @ _block(w_down, e, n_blocks, 1).T)
-    y = torch.cat(ys) * routing.scale[:, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, routing.src, y)  # one scatter back to the tokens
+        x_e, up_e = xs[lo:hi], _block(w_up, e, n_blocks, 0)
+        if w_gate is None:
+            hid = act(torch.nn.functional.linear(x_e, up_e, _block(b_up, e, n_blocks, 0)))
+        else:  # gate and up of the block in one GEMM
+            gate, up = (x_e @ torch.cat([_block(w_gate, e, n_blocks, 0), up_e]).T).chunk(2, dim=1)
+            hid = act(gate) * (up if b_up is None else up + _block(b_up, e, n_blocks, 0))
+        # 2·p scales the (narrower) hidden block rather than the output rows.
+        ys.append((hid * scale[lo:hi]) @ _block(w_down, e, n_blocks, 1).T)
+    return torch.zeros_like(x).index_add_(0, routing.src, torch.cat(ys))  # one scatter back to the tokens
 
 
 def _ffn_triton(x, routing: Routing, w_up, w_down, act, w_gate, b_up, n_blocks: int) -> torch.Tensor:
