@@ -199,6 +199,30 @@ def tensor_seed(seed: int, which: int) -> int:
 # ---------------------------------------------------------------------------------------- output
 
 
+def count_sent_bytes(force_ring: bool = False) -> list[int]:
+    """Patch this (fresh) process's halo exchange and ring so that every byte it sends is added to
+    the returned one-element counter; ``force_ring`` turns the halo off so spans go round the ring."""
+    import lsts.parallel.halo as halo
+    import lsts.parallel.ring as ring
+    from lsts.parallel import RingComm
+
+    sent = [0]
+    real_exchange, real_send = halo._exchange, RingComm.send_recv
+
+    def exchange(group, outgoing, incoming):
+        sent[0] += sum(t.numel() * t.element_size() for _, t in outgoing)
+        real_exchange(group, outgoing, incoming)
+
+    def send_recv(self, tensor):
+        sent[0] += tensor.numel() * tensor.element_size()
+        return real_send(self, tensor)
+
+    halo._exchange, RingComm.send_recv = exchange, send_recv  # a fresh process: nothing to restore
+    if force_ring:
+        ring.halo_applies = lambda *args: False
+    return sent
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; numbers right-aligned, text left-aligned."""
     cells = [[str(c) for c in row] for row in rows]

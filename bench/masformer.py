@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import REPO_ROOT, markdown_table, run_group
+from _common import REPO_ROOT, count_sent_bytes, markdown_table, run_group
 
 
 def train_step_time(seq_len: int, steps: int, nproc: int, extra: list[str]) -> dict:
@@ -42,25 +42,10 @@ def window_layer_bytes(rank: int, world: int, seq_len: int, window: int, force_r
     demo model's 2 K/V heads of dim 16)."""
     import torch
 
-    import lsts.parallel.halo as halo
-    import lsts.parallel.ring as ring
     from lsts.kernels.attention import Span
-    from lsts.parallel import RingComm, ring_attention, shard_sequence
+    from lsts.parallel import ring_attention, shard_sequence
 
-    sent = [0]
-    real_exchange, real_send = halo._exchange, RingComm.send_recv
-
-    def exchange(group, outgoing, incoming):
-        sent[0] += sum(t.numel() * t.element_size() for _, t in outgoing)
-        real_exchange(group, outgoing, incoming)
-
-    def send_recv(self, tensor):
-        sent[0] += tensor.numel() * tensor.element_size()
-        return real_send(self, tensor)
-
-    halo._exchange, RingComm.send_recv = exchange, send_recv
-    if force_ring:
-        ring.halo_applies = lambda *args: False
+    sent = count_sent_bytes(force_ring)
     q = shard_sequence(torch.randn(1, seq_len, 4, 16), layout="zigzag").requires_grad_()
     kv = shard_sequence(torch.randn(1, seq_len, 2, 16), layout="zigzag").requires_grad_()
     ring_attention(q, kv, kv, span=Span("window", window), backend="torch").sum().backward()

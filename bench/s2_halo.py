@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import markdown_table, run_group
+from _common import count_sent_bytes, markdown_table, run_group
 
 LAYERS = {"S²": ("s2", 0), "SF": ("sf", 4)}
 
@@ -30,25 +30,10 @@ def layer_bytes(rank: int, world: int, seq_len: int, layer: str, force_ring: boo
     """Bytes this rank sends for one attention forward + backward of ``layer``."""
     import torch
 
-    import lsts.parallel.halo as halo
-    import lsts.parallel.ring as ring
     from lsts.kernels.attention import Span
-    from lsts.parallel import RingComm, ring_attention, shard_sequence
+    from lsts.parallel import ring_attention, shard_sequence
 
-    sent = [0]
-    real_exchange, real_send = halo._exchange, RingComm.send_recv
-
-    def exchange(group, outgoing, incoming):
-        sent[0] += sum(t.numel() * t.element_size() for _, t in outgoing)
-        real_exchange(group, outgoing, incoming)
-
-    def send_recv(self, tensor):
-        sent[0] += tensor.numel() * tensor.element_size()
-        return real_send(self, tensor)
-
-    halo._exchange, RingComm.send_recv = exchange, send_recv  # fresh process: no need to restore
-    if force_ring:
-        ring.halo_applies = lambda *args: False
+    sent = count_sent_bytes(force_ring)
     kind, n_sink = LAYERS[layer]
     span = Span(kind, seq_len // 4, n_sink)
     gen = torch.Generator().manual_seed(0)
