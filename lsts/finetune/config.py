@@ -36,8 +36,8 @@ class FinetuneConfig:
         "longlora",
         "lora | longlora (S2-Attn + LoRA+) | sinklora (SF-Attn + sinks + LoRA+) | full | spt (sparse MHA, routed FFN)",
     )
-    lora_r: int = _f(8, "LoRA rank")
-    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_r: int = _f(8, "LoRA rank of lora / longlora / sinklora (spt uses SPT's 16)")
+    lora_alpha: int = _f(16, "LoRA alpha of lora / longlora / sinklora (spt uses 32)")
     s2_variant: Literal["leak_free", "roll"] = _f(
         "leak_free", "S2-Attn grouping: leak_free (default) or the paper's roll, an ablation (one device only)"
     )
