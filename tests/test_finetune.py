@@ -129,12 +129,25 @@ def test_data_parallel_engines_over_frozen_base_equal_one_process(checkpoint, tm
     assert merged.config.rope_parameters["factor"] == 4.0
 
 
-def test_resume_continues_exactly(checkpoint, one_process, tmp_path):
+def test_resume_continues_exactly_from_checkpoints_without_the_frozen_base(checkpoint, one_process, tmp_path):
+    from lsts.train.checkpoint import _saved_keys, latest_checkpoint
+
     out = str(tmp_path / "resumed")
     _run(checkpoint, out, 2, "--checkpoint.every=1", steps=2)
+    saved = {k for k in _saved_keys(latest_checkpoint(out)) if k.startswith("model.")}
+    assert any("lora_A" in k for k in saved) and any("embed_tokens" in k for k in saved)  # LoRA+ trains them
+    assert not any("base_layer" in k or "mlp" in k for k in saved)  # frozen: rebuilt from --model
     rows = _run(checkpoint, out, 2, "--resume")
     assert [r["step"] for r in rows] == [1, 2, 3]
     _assert_same_run(rows, one_process["longlora"])
+
+
+def test_resume_refuses_another_base_checkpoint(checkpoint, tmp_path):
+    other = str(save_tiny_llama(tmp_path / "other", max_position_embeddings=32, vocab_size=256))
+    out = str(tmp_path / "run")
+    _run(checkpoint, out, 1, "--finetune.merged=false", steps=1)
+    with pytest.raises(Exception, match="trained with base"):
+        _run(other, out, 1, "--resume", "--finetune.merged=false", steps=2)
 
 
 def test_spt_cp2_equals_one_process_in_its_dense_stage(checkpoint, tmp_path):

@@ -87,7 +87,11 @@ def resolve_tokenizer(cfg: FinetuneRunConfig) -> str:
 
 
 class FinetuneJob:
-    """The fine-tuning job for `lsts.train.trainer.train` (see `lsts.train.trainer.MASFormerJob`)."""
+    """The fine-tuning job for `lsts.train.trainer.train` (see `lsts.train.trainer.MASFormerJob`).
+    Checkpoints hold the trained parameters only: the frozen base is rebuilt from ``finetune.model``
+    on resume (the source path is recorded and checked)."""
+
+    save_frozen = False
 
     def __init__(self, cfg: FinetuneRunConfig) -> None:
         self.cfg = cfg
@@ -102,6 +106,10 @@ class FinetuneJob:
         cfg.data.tokenizer = resolve_tokenizer(cfg)
         self.recipe = recipe(cfg.finetune.method, cfg.data.seq_len)
         self.model: CausalLMLoss | None = None
+        # Resuming loads the trained parameters over a base built from this source: it must be the same one.
+        source = cfg.finetune.model
+        self.checkpoint_extra = {"base": os.path.abspath(source) if os.path.isdir(source) else source}
+        self.checkpoint_extra["method"] = cfg.finetune.method
         self.sparse_attention = True  # spt: sparse MHA after the dense steps, unless cp > 1 (see check)
         self.sparse_on = False
 
@@ -179,6 +187,14 @@ class FinetuneJob:
         ctx = AttentionContext(backend=cfg.kernels.attention)
         hf = prepare(hf, f.method, cfg.data.seq_len, ctx, f.lora_r, f.lora_alpha, f.s2_variant, self.sparse_attention)
         return CausalLMLoss(hf, cfg.kernels.loss_chunk_size, cfg.kernels.loss).train()  # from_pretrained gives eval()
+
+    def check_resume(self, extra: dict) -> None:
+        for key, ours in self.checkpoint_extra.items():
+            if extra.get(key) != ours:
+                raise ValueError(
+                    f"the checkpoint in {self.cfg.train.out} was trained with {key} {extra.get(key)!r}, this run has "
+                    f"{ours!r}: its trained weights belong to that {key}; resume with it or use another --out"
+                )
 
     def before_step(self, step: int) -> None:
         """SPT's staging: dense attention while the codebooks train, then sparse (also on resume)."""

@@ -27,6 +27,10 @@ The data loader's state is stored once, not per rank, so it must describe a glob
 global sample index does); a save checks that all ranks agree. RNG states are per rank; a resume on
 a different world size re-seeds the ranks that have no saved state, and says so.
 
+``frozen=False`` leaves out parameters that do not train (a LoRA run's base weights, which the run
+reloads from its source checkpoint): a resume loads what was saved and keeps the frozen rest as
+built. The marker records it, and a load with the other setting is refused.
+
 Engines whose state DCP cannot see (DeepSpeed ZeRO's partitioned optimizer state and parameters)
 plug in an `EngineState`: it writes the model, optimizer and scheduler into the same ``step-N.tmp``
 directory with its own format, under the same marker, rename and retention; the marker names it, and
@@ -56,6 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -81,6 +86,7 @@ class CheckpointInfo:
     extra: dict = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
     engine_state: str = ""  # the `EngineState.name` that wrote the model and optimizer; "" = DCP
+    frozen: bool = True  # whether the parameters that do not train were saved too
 
 
 class EngineState(Protocol):
@@ -162,6 +168,7 @@ class Checkpointer:
         seed: int = 0,
         parallel_dims: dict | None = None,
         engine_state: EngineState | None = None,
+        frozen: bool = True,
     ) -> None:
         if every < 0 or keep < 0:
             raise ValueError(f"checkpoint every ({every}) and keep ({keep}) must be >= 0; 0 = at the end / keep all")
@@ -171,6 +178,7 @@ class Checkpointer:
         self.seed = seed
         self.parallel_dims = dict(parallel_dims or {})
         self.engine_state = engine_state
+        self.frozen = frozen
         self._last_saved: int | None = None
 
     def maybe_save(
@@ -214,6 +222,7 @@ class Checkpointer:
         tmp = final.with_name(final.name + ".tmp")
         info = CheckpointInfo(step, _world_size(), self.parallel_dims, time.time(), dict(extra or {}))
         info.engine_state = self.engine_state.name if self.engine_state else ""
+        info.frozen = self.frozen
         json.dumps(info.__dict__)  # a non-JSON extra fails here, before any rank writes a byte
         state = self._state_dicts(model, optimizer, scheduler, data_loader)
         if data_loader is not None:
@@ -282,7 +291,7 @@ class Checkpointer:
                 dcp.load(state, checkpoint_id=path, process_group=self.group, no_dist=not _distributed())
         except (Exception, dcp.CheckpointException) as e:  # DCP's exception derives from BaseException
             raise ValueError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}\n{_advice(path)}") from e
-        _apply_state(state, model, optimizer, scheduler, data_loader)
+        _apply_state(state, model, optimizer, scheduler, data_loader, self.frozen)
         self._restore_rng(state, rank, info)
         self._last_saved = info.step
         if _group_rank(self.group) == 0:
@@ -293,9 +302,15 @@ class Checkpointer:
         if self.engine_state is not None and not (model is optimizer is scheduler is None):
             name = self.engine_state.name
             raise ValueError(f"the engine state {name!r} holds the model, optimizer and scheduler; pass None for them")
-        return _state_dicts(model, optimizer, scheduler, data_loader)
+        return _state_dicts(model, optimizer, scheduler, data_loader, self.frozen)
 
     def _check_engine_state(self, path: Path, info: CheckpointInfo) -> None:
+        if self.frozen and not info.frozen:
+            raise ValueError(
+                f"checkpoint {path} holds only the trained parameters (its frozen weights come from the source "
+                "checkpoint of a fine-tuning run); load it with that run's command, or a Checkpointer(frozen=False) "
+                "over a model built from the same source"
+            )
         ours = self.engine_state.name if self.engine_state else ""
         if info.engine_state != ours:
             raise ValueError(
@@ -349,7 +364,7 @@ def _check_parts(scheduler, data_loader) -> None:
             raise ValueError(f"the {name} ({kind}) needs state_dict() and load_state_dict() to be checkpointed")
 
 
-def _state_dicts(model, optimizer, scheduler, data_loader) -> dict[str, Any]:
+def _state_dicts(model, optimizer, scheduler, data_loader, frozen: bool = True) -> dict[str, Any]:
     """What DCP writes, and on load the destination it reads into (tensors in place, objects replaced).
 
     The model and optimizer go through DCP's state-dict API: parameter FQNs as keys whatever the
@@ -358,7 +373,7 @@ def _state_dicts(model, optimizer, scheduler, data_loader) -> dict[str, Any]:
     _check_parts(scheduler, data_loader)
     state: dict[str, Any] = {}
     if model is not None:
-        state["model"] = get_model_state_dict(model)
+        state["model"] = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=not frozen))
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     if scheduler is not None:
@@ -368,11 +383,12 @@ def _state_dicts(model, optimizer, scheduler, data_loader) -> dict[str, Any]:
     return state
 
 
-def _apply_state(state, model, optimizer, scheduler, data_loader) -> None:
+def _apply_state(state, model, optimizer, scheduler, data_loader, frozen: bool = True) -> None:
     """Hand what was read to its owners. Outside DCP on purpose: their own errors (a data stream of
     another config, a model of another shape) reach the caller unwrapped."""
     if model is not None:
-        set_model_state_dict(model, state["model"])
+        # Without the frozen weights the saved dict is partial by design; every trainable one is in it.
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=frozen))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     if scheduler is not None:

@@ -30,7 +30,7 @@ from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
 from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
 from lsts.train import zero
-from lsts.train.checkpoint import Checkpointer
+from lsts.train.checkpoint import Checkpointer, latest_checkpoint, read_info
 from lsts.train.data import build_data
 from lsts.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib
 
@@ -120,8 +120,12 @@ class MASFormerJob:
     """What `train` trains by default: a `MASFormer` from ``cfg.model``, parallelized by
     `lsts.parallel.parallelize.parallelize`. A job gives the loop four things: ``check`` (every
     rank, before any collective), ``build`` (model, engine and optimizer step on the mesh),
-    ``before_step`` and ``finish`` (after the last step); `lsts.finetune.trainer.FinetuneJob` is
-    the other one."""
+    ``before_step``, ``finish`` (after the last step), and for checkpoints ``checkpoint_extra``
+    (recorded in each marker) and ``check_resume`` (reads it back); `lsts.finetune.trainer.FinetuneJob`
+    is the other one."""
+
+    save_frozen = True  # checkpoints hold every parameter (a fine-tuning job leaves its frozen base out)
+    checkpoint_extra: dict = {}  # recorded in every checkpoint's marker  # noqa: RUF012 - read only
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -142,6 +146,9 @@ class MASFormerJob:
             model, dims, mesh, cfg.parallel.dp_engine, cfg.parallel.activation_checkpoint, param_dtype=dtype
         )
         return _build_update(cfg, model, dims, mesh, device, dtype), flops_per_token
+
+    def check_resume(self, extra: dict) -> None:
+        pass
 
     def before_step(self, step: int) -> None:
         pass
@@ -180,10 +187,13 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
         seed=cfg.train.seed,
         parallel_dims=dims.to_dict(),
         engine_state=update if isinstance(update, zero.ZeroUpdate) else None,
+        frozen=job.save_frozen,
     )
     start = 0
     if cfg.train.resume:
         start = ckpt.load_latest(*update.checkpoint_parts, data) or 0
+        if start:
+            job.check_resume(read_info(latest_checkpoint(cfg.train.out)).extra)
         # The saved learning rate followed the saved run's schedule; continue on this run's (its
         # optim.lr and train.steps), from the saved step.
         scheduler = update.scheduler
@@ -227,7 +237,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
             metrics["mfu"] = mfu(flops_per_token, tokens_per_sec, world, peak)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, **metrics)
-            ckpt.maybe_save(step, *update.checkpoint_parts, data, force=step == cfg.train.steps)
+            ckpt.maybe_save(step, *update.checkpoint_parts, data, job.checkpoint_extra, force=step == cfg.train.steps)
     finally:
         logger.close()
     job.finish(update)
