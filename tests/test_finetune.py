@@ -118,6 +118,12 @@ def test_cp2_run_equals_one_process_and_merged_model_runs_at_the_new_length(chec
     assert logits.shape == (1, SEQ, 256) and torch.isfinite(logits).all()
 
 
+def test_ulysses_cp2_run_equals_one_process(checkpoint, one_process, tmp_path):
+    """S² under Ulysses: each rank's slice of heads knows where the shifted half begins."""
+    rows = _run(checkpoint, str(tmp_path / "uly"), 2, "--parallel.cp_ring=1", "--parallel.cp_ulysses=2")
+    _assert_same_run(rows, one_process["longlora"])
+
+
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 def test_data_parallel_engines_over_frozen_base_equal_one_process(checkpoint, tmp_path, engine):
     # dp = 2 over one sequence each: the same two sequences in one process need batch 2.
@@ -184,7 +190,10 @@ def test_rolled_s2_ablation_trains_on_one_process(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["--parallel.cp_ring=1", "--parallel.cp_ulysses=2"], "Ulysses"),
+        (
+            ["--parallel.cp_ring=1", "--parallel.dp_shard=-1", "--parallel.dp_engine=zero3", "--train.dtype=float16"],
+            "loss scaling",
+        ),
         (["--finetune.s2_variant=roll"], "one device"),
         (["--seq-len=132"], "multiple of"),
         (["--parallel.tp=2", "--parallel.cp_ring=1"], "tp=1"),

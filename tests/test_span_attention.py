@@ -14,6 +14,7 @@ SPANS = [
     pytest.param(Span("block", 16), id="block16"),
     pytest.param(Span("s2", 12), id="s2-G12"),
     pytest.param(Span("sf", 12, 4), id="sf-G12-sink4"),
+    pytest.param(Span("sf", 12, 4, shift_from=3), id="sf-shift-from-3"),  # a Ulysses slice of heads
 ]
 GEOMETRY = [  # (sq, sk, q_offset, k_offset): a whole sequence, and blocks of a longer one
     pytest.param((63, 63, 0, 0), id="whole-63"),

@@ -26,6 +26,7 @@ CASES = [  # (span, (sq, sk, q_offset, k_offset), (h, h_kv))
     pytest.param(Span("s2", 12), (63, 63, 0, 0), (4, 2), id="s2-gqa"),
     pytest.param(Span("sf", 12, 4), (63, 63, 0, 0), (6, 1), id="sf-sinks-mqa"),
     pytest.param(Span("sf", 20, 4), (37, 37, 40, 0), (2, 2), id="sf-next-chunk"),
+    pytest.param(Span("s2", 12, shift_from=1), (63, 63, 0, 0), (4, 2), id="s2-head-slice"),  # a Ulysses shard
     pytest.param(Span("window", 4), (16, 16, 100, 0), (2, 2), id="no-key-visible"),
 ]
 

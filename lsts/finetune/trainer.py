@@ -127,11 +127,6 @@ class FinetuneJob:
             zero.check_config(cfg)
         dims.check_model(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
         dims.check_seq_len(cfg.data.seq_len, cfg.parallel.layout)
-        if self.recipe.span.shifts_heads and dims.cp_ulysses > 1:
-            raise ValueError(
-                f"method {cfg.finetune.method!r} shifts the groups of half the heads, which an Ulysses head shard "
-                "cannot place; use the ring for context parallelism (parallel.cp_ulysses=1)"
-            )
         # SPT's sparse MHA picks keys anywhere in a query's prefix: it runs on whole sequences only
         # (lsts.finetune.spt); under cp > 1 the routed FFN still applies, with dense attention.
         self.sparse_attention = dims.cp == 1

@@ -49,7 +49,7 @@ def halo_width(span: Span, layout: str, s_local: int, world: int) -> int:
     the halo does not serve. A pure function of its arguments: every rank computes the same."""
     if span.kind not in HALO_KINDS:
         return 0
-    shifts = {span.shift(0, 2), span.shift(1, 2)}
+    shifts = span.shifts()
     width = 0
     for rank in range(world):
         for rows, first in shard_chunks(layout, rank, world, s_local):

@@ -20,7 +20,7 @@ from lsts.parallel.ring import ring_attention
 from lsts.parallel.sharding import check_seq_len, layout_indices
 from lsts.parallel.ulysses import (
     check_heads,
-    check_unshifted,
+    head_shard_span,
     heads_to_sequence,
     layout_order,
     replicate_kv_heads,
@@ -59,7 +59,7 @@ def hybrid_attention(
     DeviceMesh whose axis 0 is the ring and axis 1 the Ulysses group. ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` over all ``U·R`` ranks; returns
     ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Needs ``H % U == 0``.
-    ``span`` and ``cu_seqlens`` as in `ring_attention` (zigzag or contiguous; no head-shifting span)."""
+    ``span`` and ``cu_seqlens`` as in `ring_attention` (zigzag or contiguous)."""
     span = span if span is not None else (CAUSAL if causal else FULL)
     if mesh is not None:
         if mesh.ndim != 2:
@@ -71,7 +71,6 @@ def hybrid_attention(
 
     def check(w: int) -> None:
         _check_hybrid(layout, q.shape[2], w, q.shape[1] * n_uly * n_ring, n_uly * n_ring)
-        check_unshifted(span, w, "hybrid (ulysses part of)")
 
     scale, backend = attention_setup(q, k, v, ulysses_group, layout, span, softmax_scale, backend, extra_check=check)
     world, ring_rank = n_uly * n_ring, dist.get_rank(ring_group)
@@ -86,8 +85,8 @@ def hybrid_attention(
     to_ring, from_ring = to_ring.to(q.device), torch.argsort(to_ring).to(q.device)
     qh, kh, vh = (x[:, to_ring] for x in (qh, kh, vh))
     out, lse = ring_attention(
-        qh, kh, vh, ring_group, layout=layout, softmax_scale=scale, return_lse=True, backend=backend, span=span,
-        cu_seqlens=cu_seqlens,
+        qh, kh, vh, ring_group, layout=layout, softmax_scale=scale, return_lse=True, backend=backend,
+        span=head_shard_span(span, q.shape[2], dist.get_rank(ulysses_group), n_uly), cu_seqlens=cu_seqlens,
     )  # fmt: skip
     out = sequence_to_heads(out[:, from_ring], ulysses_group)
     if not return_lse:

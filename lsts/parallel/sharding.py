@@ -174,7 +174,7 @@ def shard_chunks(layout: str, rank: int, world: int, s_local: int) -> list[tuple
 
 def _reach(span: Span, docs: Documents | None, first: int, last: int) -> tuple[int, float]:
     """Global keys ``[lo, hi)`` that queries ``first..last`` may reach, over every head's shift."""
-    shifts = {span.shift(0, 2), span.shift(1, 2)}
+    shifts = span.shifts()
     ranges = [span.key_range(first, last, s) for s in shifts]
     lo = min(r[0] for r in ranges)
     hi = max(math.inf if r[1] is None else r[1] for r in ranges)

@@ -11,6 +11,7 @@ before the causal kernel runs, so every layout works.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -40,12 +41,12 @@ def check_heads(n_heads: int, world: int, what: str = "ulysses") -> None:
         )
 
 
-def check_unshifted(span: Span, world: int, what: str) -> None:
-    if span.shifts_heads and world > 1:
-        raise ValueError(
-            f"span {span.kind!r} shifts the groups of half of the heads, which {what} attention splits over "
-            f"{world} ranks; use ring attention (cp_ulysses = 1) for LongLoRA / SinkLoRA spans"
-        )
+def head_shard_span(span: Span, n_heads: int, rank: int, world: int) -> Span:
+    """The span of rank ``rank``'s slice of ``n_heads`` heads split over ``world`` ranks: for the
+    spans that shift the second half of a layer's heads (S², SF), where that half begins in the slice."""
+    if not span.shifts_heads or world == 1:
+        return span
+    return replace(span, shift_from=max(0, n_heads // 2 - rank * (n_heads // world)))
 
 
 def layout_order(seq_len: int, world: int, layout: str, ranks: range | None = None) -> torch.Tensor:
@@ -82,14 +83,13 @@ def ulysses_attention(
     (and ``lse [B, H, S_local]`` float32 when ``return_lse``). Needs ``H % P == 0``.
 
     ``span`` (overrides ``causal``) and ``cu_seqlens`` (documents of the global sequence) apply to
-    the whole sequence each rank gathers; spans that shift half of the heads (s2, sf) need the
-    head index, which a head shard lacks: use ring attention for those."""
+    the whole sequence each rank gathers; spans that shift the second half of the heads (S², SF)
+    are told where that half begins in this rank's slice of heads (`head_shard_span`)."""
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 
     def check(w: int) -> None:
         check_heads(q.shape[2], w)
-        check_unshifted(span, w, "ulysses")
 
     docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)
     scale, backend = attention_setup(
@@ -101,7 +101,8 @@ def ulysses_attention(
     if layout != "contiguous":  # rank order -> global order, for the causal mask
         inverse = torch.argsort(order)
         qh, kh, vh = (x[:, inverse] for x in (qh, kh, vh))
-    out, lse = attention(qh, kh, vh, softmax_scale=scale, backend=backend, span=span, cu_seqlens=docs)
+    shard_span = head_shard_span(span, q.shape[2], dist.get_rank(group), world)
+    out, lse = attention(qh, kh, vh, softmax_scale=scale, backend=backend, span=shard_span, cu_seqlens=docs)
     if layout != "contiguous":
         out, lse = out[:, order], lse[:, :, order]
     out = sequence_to_heads(out, group)

@@ -62,12 +62,12 @@ def _key_slices(span: Span, q_first: int, q_last: int, shift: int, k_offset: int
 
 
 def _head_groups(span: Span, n_heads: int, n_kv: int) -> list[tuple[slice, slice | torch.Tensor, int]]:
-    """``(query heads, kv heads, shift)``: spans that shift half of the heads run each half on its
-    own. Where a K/V head's query group straddles the halves, the half gets one K/V head per query
-    head (an index tensor) instead of a slice."""
-    if not span.shifts_heads:
+    """``(query heads, kv heads, shift)``: spans that shift some of the heads run the unshifted and
+    the shifted ones on their own (either may be empty). Where a K/V head's query group straddles
+    the boundary, each side gets one K/V head per query head (an index tensor) instead of a slice."""
+    half, group = span.first_shifted(n_heads), n_heads // n_kv
+    if half == n_heads:  # no shifted head in this call
         return [(slice(0, n_heads), slice(0, n_kv), 0)]
-    half, group = n_heads // 2, n_heads // n_kv
     # With one query head the unshifted half is empty (the fused op divides by zero on 0 heads).
     halves = [
         (heads, shift)

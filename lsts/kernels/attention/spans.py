@@ -28,11 +28,14 @@ SPAN_KINDS = ("full", "causal", "window", "block", "s2", "sf")
 @dataclass(frozen=True)
 class Span:
     """``kind`` in `SPAN_KINDS`; ``size`` is the window w, the block b or the group G; ``n_sink`` the
-    number of sink tokens (``"sf"`` only; SinkLoRA uses 4)."""
+    number of sink tokens (``"sf"`` only; SinkLoRA uses 4). ``shift_from`` places the boundary of
+    the shifted heads in a call that holds a slice of a layer's heads (Ulysses): heads from it on are
+    shifted; by default the second half of the call's heads are."""
 
     kind: str = "causal"
     size: int = 0
     n_sink: int = 0
+    shift_from: int | None = None  # s2/sf: the first shifted head of a call; None = half of its heads
 
     def __post_init__(self) -> None:
         if self.kind not in SPAN_KINDS:
@@ -45,6 +48,8 @@ class Span:
             raise ValueError(f"sink tokens belong to the 'sf' span, not {self.kind!r}")
         if self.n_sink < 0:
             raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        if self.shift_from is not None and (not self.shifts_heads or self.shift_from < 0):
+            raise ValueError(f"shift_from ({self.shift_from}) applies to 's2' / 'sf' spans only and must be >= 0")
 
     @property
     def causal(self) -> bool:
@@ -63,8 +68,18 @@ class Span:
         """True when the second half of the heads use groups shifted by G/2."""
         return self.kind in ("s2", "sf")
 
+    def first_shifted(self, n_heads: int) -> int:
+        """Index of the first shifted head of a call with ``n_heads`` heads (``n_heads``: none)."""
+        if not self.shifts_heads:
+            return n_heads
+        return n_heads // 2 if self.shift_from is None else min(self.shift_from, n_heads)
+
     def shift(self, head: int, n_heads: int) -> int:
-        return self.size // 2 if self.shifts_heads and head >= n_heads // 2 else 0
+        return self.size // 2 if head >= self.first_shifted(n_heads) else 0
+
+    def shifts(self) -> set[int]:
+        """Every group shift some head may have (for planning which keys a block can reach)."""
+        return {0, self.size // 2} if self.shifts_heads else {0}
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_heads: int = 1) -> torch.Tensor:
         """Boolean keep-mask ``[H, Sq, Sk]`` (``H`` is 1 unless the span shifts heads)."""

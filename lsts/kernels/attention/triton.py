@@ -8,9 +8,10 @@ a window or group span costs O(N·w), not O(N²).
 
 Masks are the predicate of `spans.Span` at global positions ``q_offset + i`` / ``k_offset + j``:
 causal (``j <= i``), window (``i - j < WINDOW``), group (``(i+s)//GROUP == (j+s)//GROUP`` with the
-shift ``s = GROUP/2`` on the second half of the heads when ``SHIFT_HEADS``) or a sink
-(``j < N_SINK``). Layout ``[B, S, H, D]`` with the last dim contiguous; GQA maps query head h to
-K/V head ``h // (H / H_kv)``. Accumulation in fp32; ``lse`` is fp32 ``[B, H, Sq]`` (natural log).
+shift ``s = GROUP/2`` on the heads from ``SHIFT_FROM`` on, by default the second half, when
+``SHIFT_HEADS``) or a sink (``j < N_SINK``). Layout ``[B, S, H, D]`` with the last dim
+contiguous; GQA maps query head h to K/V head ``h // (H / H_kv)``. Accumulation in fp32; ``lse``
+is fp32 ``[B, H, Sq]`` (natural log).
 
 Runs compiled on CUDA and, for the tests, in Triton's interpreter on CPU (fp32 / fp16).
 """
@@ -153,6 +154,7 @@ def _fwd_block(
 def _query_program(
     H,
     GQA,
+    SHIFT_FROM,
     GROUP: tl.constexpr,
     SHIFT_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -165,7 +167,7 @@ def _query_program(
     i_b, i_h = i_bh // H, i_bh % H
     shift = 0
     if SHIFT_HEADS:
-        shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
+        shift = tl.where(i_h >= SHIFT_FROM, GROUP // 2, 0)
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     return i_m, i_bh, i_b, i_h, i_h // GQA, shift, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
 
@@ -193,13 +195,13 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, HEAD_DIM, DOC_START, DOC_END,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
     DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh, i_b, i_h, i_hk, shift, offs_m, offs_n, offs_d = _query_program(
-        H, GQA, GROUP, SHIFT_HEADS, BLOCK_M, BLOCK_N, BLOCK_D
+        H, GQA, SHIFT_FROM, GROUP, SHIFT_HEADS, BLOCK_M, BLOCK_N, BLOCK_D
     )
     m_m, m_d = offs_m < SQ, offs_d < HEAD_DIM
     p_q = (
@@ -240,14 +242,14 @@ def _attn_fwd_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
     DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale · Σ_j dS_ij K_j with dS = P ∘ (dO Vᵀ − D); Q, dO, dQ share strides (contiguous)."""
     i_m, i_bh, i_b, i_h, i_hk, shift, offs_m, offs_n, offs_d = _query_program(
-        H, GQA, GROUP, SHIFT_HEADS, BLOCK_M, BLOCK_N, BLOCK_D
+        H, GQA, SHIFT_FROM, GROUP, SHIFT_HEADS, BLOCK_M, BLOCK_N, BLOCK_D
     )
     m_m, m_d = offs_m < SQ, offs_d < HEAD_DIM
     q_rows = i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
@@ -319,7 +321,7 @@ def _attn_bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dkb, stride_dks, stride_dkh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
     DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -361,7 +363,7 @@ def _attn_bwd_dkv_kernel(
         i_h = i_hk * GQA + i_g
         shift = 0
         if SHIFT_HEADS:
-            shift = tl.where(i_h >= H // 2, GROUP // 2, 0)
+            shift = tl.where(i_h >= SHIFT_FROM, GROUP // 2, 0)
         lo, hi = _query_bounds(
             k_first, k_last, shift, q_offset, SQ, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_M
         )
@@ -396,8 +398,9 @@ def _attn_bwd_dkv_kernel(
     tl.store(DV + rows, b_dv.to(DV.dtype.element_ty), mask=m_nd)
 
 
-def _span_args(span: Span, docs) -> dict:
+def _span_args(span: Span, docs, n_heads: int) -> dict:
     return {
+        "SHIFT_FROM": span.first_shifted(n_heads),
         "DOC_START": None if docs is None else docs.start,
         "DOC_END": None if docs is None else docs.end,
         "DOCS": docs is not None,
@@ -427,7 +430,8 @@ def attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, 
     grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, HEAD_DIM=d, **_span_args(span, docs), **blocks,
+        sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, HEAD_DIM=d, **_span_args(span, docs, h),
+        **blocks,
     )  # fmt: skip
     return out, lse
 
@@ -443,7 +447,7 @@ def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_o
     dq = torch.full_like(q, float("nan"))
     dk = torch.full(k.shape, float("nan"), dtype=torch.float32, device=k.device)
     dv = torch.full(v.shape, float("nan"), dtype=torch.float32, device=v.device)
-    blocks, spans = _blocks(d, q.device), _span_args(span, docs)
+    blocks, spans = _blocks(d, q.device), _span_args(span, docs, h)
     common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, softmax_scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     _attn_bwd_dq_kernel[(triton.cdiv(sq, blocks["BLOCK_M"]), b * h)](
