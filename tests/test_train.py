@@ -113,14 +113,20 @@ def test_tensor_parallel_equals_one_process(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mix",
+    "mix,batch",
     [
-        pytest.param(["--parallel.dp_shard=2", "--parallel.cp_ring=2", "--data.batch_size=1"], id="dp2xcp2"),
-        pytest.param(["--parallel.tp=2", "--parallel.cp_ring=2", "--data.batch_size=2"], id="tp2xcp2"),
+        pytest.param(["--parallel.dp_shard=2", "--parallel.cp_ring=2", "--data.batch_size=1"], 2, id="dp2xcp2"),
+        pytest.param(["--parallel.tp=2", "--parallel.cp_ring=2", "--data.batch_size=2"], 2, id="tp2xcp2"),
+        # HSDP: FSDP2 over 2 shards, replicated twice; 4 data-parallel ranks of one row each.
+        pytest.param(
+            ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.cp_ring=1", "--data.batch_size=1"],
+            4,
+            id="hsdp-r2xs2",
+        ),
     ],
 )
-def test_four_rank_mixes_equal_one_process(tmp_path, mix):
-    one = _run(tmp_path, "one", 1, "--data.batch_size=2")
+def test_four_rank_mixes_equal_one_process(tmp_path, mix, batch):
+    one = _run(tmp_path, "one", 1, f"--data.batch_size={batch}")
     four = _run(tmp_path, "four", 4, *mix)
     _assert_same_run(four, one)
 
