@@ -205,6 +205,14 @@ def test_bad_runs_fail_on_every_rank_with_the_fix(checkpoint, tmp_path, extra, m
     assert all(match in e for e in errors), errors
 
 
+def test_a_checkpoint_without_tokenizer_and_a_small_vocabulary_is_a_clear_error(tmp_path):
+    from lsts.finetune.trainer import FinetuneJob
+
+    small = save_tiny_llama(tmp_path / "small", max_position_embeddings=32)  # 97 ids, no tokenizer files
+    with pytest.raises(ValueError, match="byte tokenizer needs 256"):
+        FinetuneJob(load_finetune_config([f"--model={small}"]))
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"finetune\.model is empty"):
         load_finetune_config([])

@@ -104,6 +104,11 @@ class FinetuneJob:
             ) from e
         self.vocab_size = self.hf_config.vocab_size
         cfg.data.tokenizer = resolve_tokenizer(cfg)
+        if cfg.data.tokenizer == "byte" and self.vocab_size < 256:
+            raise ValueError(
+                f"{cfg.finetune.model} has a vocabulary of {self.vocab_size} ids and no tokenizer files, and the byte "
+                "tokenizer needs 256; save the model's tokenizer next to it or pass --data.tokenizer=<path>"
+            )
         self.recipe = recipe(cfg.finetune.method, cfg.data.seq_len)
         self.model: CausalLMLoss | None = None
         # Resuming loads the trained parameters over a base built from this source: it must be the same one.
