@@ -168,8 +168,9 @@ def test_halo_traffic_follows_the_window_not_n():
 
 def test_aligned_s2_sf_traffic_is_half_a_group_and_the_sinks():
     """LongLoRA-aligned S² / SF (G = 64 divides every run) at two sequence lengths: only the shifted
-    half-groups that straddle ranks move (G/2 tokens of K and V per message), plus SF's sinks once
-    from rank 0, and the same back in the backward; nothing goes round the ring."""
+    half-groups that straddle ranks move (G/2 tokens of the shifted heads' K and V per message: one
+    K/V head of two), plus SF's sinks once from rank 0, and the same back in the backward; nothing
+    goes round the ring."""
     g, n_sink, per_token = 64, 4, 2 * KV_HEADS * HEAD_DIM
     cases = [
         (Span(kind, g, sinks), n, layout)
@@ -178,7 +179,7 @@ def test_aligned_s2_sf_traffic_is_half_a_group_and_the_sinks():
         for n in (2 * 2 * 64, 2 * 2 * 256)
     ]
     sent = run_ranks(_count_halo_elements, 2, cases)
-    half = g // 2 * per_token
+    half = g // 2 * per_token // KV_HEADS  # the shifted query heads (3 of 6) share one K/V head
     sink = n_sink * per_token
     want = {  # (layout, kind): [(forward, backward, ring) per rank]
         ("zigzag", "s2"): [(half, half, 0), (half, half, 0)],
@@ -216,8 +217,10 @@ def _count_halo_elements(rank, world, cases):
             q = shard_sequence(torch.randn(1, n, HEADS, HEAD_DIM, dtype=torch.float64), layout=layout)
             kv = shard_sequence(torch.randn(1, n, KV_HEADS, HEAD_DIM, dtype=torch.float64), layout=layout)
             q, kv = q.requires_grad_(), kv.requires_grad_()
-            ring_attention(q, kv, kv, layout=layout, span=span, backend="torch").sum().backward()
-            results.append((*counts, ring_sent[0]))  # (forward, backward, ring)
+            out = ring_attention(q, kv, kv, layout=layout, span=span, backend="torch")
+            forward = sum(counts)
+            out.sum().backward()
+            results.append((forward, sum(counts) - forward, ring_sent[0]))
     finally:
         halo._exchange, RingComm.send_recv = real, real_send
     return results

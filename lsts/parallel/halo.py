@@ -20,15 +20,16 @@ The exchange is differentiable: its backward sends the received tokens' dK/dV ba
 that own them. Attention runs at global offsets, so the span mask (and packed documents) are
 evaluated exactly as on one device.
 
-Limits: the halo carries every K/V head. For aligned S²/SF only the K/V heads that serve shifted
-query heads (the second half of them) are needed, a 2x saving left for later. Packed documents do
-not narrow the halo. Spans wider than a run (S² with G = N/4 on 8 ranks) take the ring.
+S²/SF's two kinds of heads exchange separately, each only its own K/V heads over its own width, when
+the GQA groups split with them (otherwise every K/V head travels over the wider width). Limits:
+packed documents do not narrow the halo; spans wider than a run (S² with G = N/4 on 8 ranks) take
+the ring.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -43,13 +44,14 @@ def _run_length(layout: str, s_local: int) -> int:
     return s_local // 2 if layout == "zigzag" else s_local
 
 
-def halo_width(span: Span, layout: str, s_local: int, world: int) -> int:
+def halo_width(span: Span, layout: str, s_local: int, world: int, n_heads: int | None = None) -> int:
     """Keys before a run that its queries may need: the largest ``first - lo`` over the runs of every
-    rank, ``lo`` being the first key (sinks aside) any head of the run's queries reaches. 0 for spans
-    the halo does not serve. A pure function of its arguments: every rank computes the same."""
+    rank, ``lo`` being the first key (sinks aside) any head of the run's queries reaches (any head of
+    a call with ``n_heads`` heads, or any head at all). 0 for spans the halo does not serve. A pure
+    function of its arguments: every rank computes the same."""
     if span.kind not in HALO_KINDS:
         return 0
-    shifts = span.shifts()
+    shifts = span.shifts(n_heads)
     width = 0
     for rank in range(world):
         for rows, first in shard_chunks(layout, rank, world, s_local):
@@ -210,9 +212,31 @@ def halo_attention(
     docs: Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of a window, block, S² or SF span over a sharded sequence (see
-    `halo_applies`); inputs as in `ring_attention`, already validated by the caller."""
+    `halo_applies`); inputs as in `ring_attention`, already validated by the caller.
+
+    S² / SF heads of the two kinds go separately when the K/V heads split with them (GQA groups
+    do not straddle the boundary): each kind exchanges only its own K/V heads over its own width,
+    so aligned groups move G/2 tokens of the shifted heads' K/V and nothing for the others."""
+    h, h_kv = q.shape[2], k.shape[2]
+    first_shifted = span.first_shifted(h) if span.shifts_heads else h
+    if 0 < first_shifted < h and first_shifted % (h // h_kv) == 0:
+        kv_split = first_shifted // (h // h_kv)
+        kinds = (
+            (slice(0, first_shifted), slice(0, kv_split), first_shifted),  # none of them shifted
+            (slice(first_shifted, h), slice(kv_split, h_kv), 0),  # all of them shifted
+        )
+        parts = []
+        for heads, kv_heads, shift_from in kinds:
+            kind_span = replace(span, shift_from=shift_from)
+            qs, ks, vs = q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads]
+            parts.append(_halo_attention(qs, ks, vs, group, layout, kind_span, softmax_scale, backend, docs))
+        return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=1)
+    return _halo_attention(q, k, v, group, layout, span, softmax_scale, backend, docs)
+
+
+def _halo_attention(q, k, v, group, layout, span, softmax_scale, backend, docs):
     rank, world, s_local = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
-    width = halo_width(span, layout, s_local, world)
+    width = halo_width(span, layout, s_local, world, q.shape[2])
     runs = _runs(span, layout, rank, world, s_local, width)
     sends, recvs = _messages(span, layout, rank, world, s_local, width, runs)
     kv, *received = _Exchange.apply(torch.stack([k, v]), group, sends, [(p, n) for p, n, _ in recvs])

@@ -77,9 +77,14 @@ class Span:
     def shift(self, head: int, n_heads: int) -> int:
         return self.size // 2 if head >= self.first_shifted(n_heads) else 0
 
-    def shifts(self) -> set[int]:
-        """Every group shift some head may have (for planning which keys a block can reach)."""
-        return {0, self.size // 2} if self.shifts_heads else {0}
+    def shifts(self, n_heads: int | None = None) -> set[int]:
+        """The group shifts of a call's heads (every shift some head may have when ``n_heads`` is not
+        given), for planning which keys a block can reach."""
+        if not self.shifts_heads:
+            return {0}
+        if n_heads is None:
+            return {0, self.size // 2}
+        return {self.shift(h, n_heads) for h in range(n_heads)}
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_heads: int = 1) -> torch.Tensor:
         """Boolean keep-mask ``[H, Sq, Sk]`` (``H`` is 1 unless the span shifts heads)."""
