@@ -113,6 +113,16 @@ def _gather_rows(p_x0, stride_s, b_idx, keep, offs_d, m_d):
 
 
 @triton.jit
+def _query_rows(N, H, HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program that owns a block of queries works on: its (batch, head), the query rows, the
+    slot and feature offsets, and the row and feature masks."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return i_bh, i_bh // H, i_bh % H, offs_m, tl.arange(0, BLOCK_L), offs_d, offs_m < N, offs_d < HEAD_DIM
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     Q, K, V, IDX, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_ob, stride_os, stride_oh,
@@ -120,11 +130,7 @@ def _sparse_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """K and V share strides."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_l, offs_d = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
-    m_m, m_d = offs_m < N, offs_d < HEAD_DIM
+    i_bh, i_b, i_h, offs_m, offs_l, offs_d, m_m, m_d = _query_rows(N, H, HEAD_DIM, BLOCK_M, BLOCK_L, BLOCK_D)
     p_q = Q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
     b_q = tl.load(p_q + offs_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     kv0 = i_b.to(tl.int64) * stride_kb + (i_h // GQA) * stride_kh
@@ -157,11 +163,7 @@ def _sparse_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Q, DO and DQ share strides; K and V share strides; DK and DV (float32) share strides."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_l, offs_d = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
-    m_m, m_d = offs_m < N, offs_d < HEAD_DIM
+    i_bh, i_b, i_h, offs_m, offs_l, offs_d, m_m, m_d = _query_rows(N, H, HEAD_DIM, BLOCK_M, BLOCK_L, BLOCK_D)
     m_md = m_m[:, None] & m_d[None, :]
     q_rows = i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
     b_q = tl.load(Q + q_rows, mask=m_md, other=0.0).to(tl.float32)
