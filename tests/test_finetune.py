@@ -205,6 +205,25 @@ def test_bad_runs_fail_on_every_rank_with_the_fix(checkpoint, tmp_path, extra, m
     assert all(match in e for e in errors), errors
 
 
+def test_the_checkpoints_own_tokenizer_is_used_and_saved_with_the_merged_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from lsts.finetune.trainer import finetune
+
+    model_dir = save_tiny_llama(tmp_path / "llama", max_position_embeddings=32, vocab_size=256)
+    words = ["[UNK]", *"abcdefghijklmnopqrstuvwxyz_()=:.,"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
+    args = [f"--model={model_dir}", "--method=lora", f"--seq-len={SEQ}", "--steps=1", f"--out={tmp_path / 'out'}"]
+    cfg = load_finetune_config([*args, *COMMON])
+    finetune(cfg)
+    assert cfg.data.tokenizer == str(model_dir)  # "auto" picked the checkpoint's own
+    merged = tmp_path / "out" / "merged"
+    assert AutoTokenizer.from_pretrained(merged).convert_tokens_to_ids("a") == 1
+
+
 def test_a_checkpoint_without_tokenizer_and_a_small_vocabulary_is_a_clear_error(tmp_path):
     from lsts.finetune.trainer import FinetuneJob
 

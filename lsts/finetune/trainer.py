@@ -10,7 +10,7 @@ the trainable ones.
 
 At the end, ``out/merged`` gets the model with LoRA merged and the RoPE factor in its config: the
 full weights are gathered to rank 0 (`full_state_dict`), loaded into a fresh copy of the recipe's
-model there and saved with ``save_pretrained``.
+model there and saved with ``save_pretrained``, next to the tokenizer the run used (if not bytes).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from lsts.attention import AttentionContext
 from lsts.finetune import spt
@@ -214,6 +214,8 @@ class FinetuneJob:
             fresh = self._recipe_model(torch.device("cpu"))
             fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
             path = export_merged(fresh.model, self.cfg.train.out)
+            if self.cfg.data.tokenizer != "byte":  # the model's tokenizer travels with it
+                AutoTokenizer.from_pretrained(self.cfg.data.tokenizer).save_pretrained(path)
             print(f"merged model saved to {path}", flush=True)
         dist.barrier()
 
