@@ -65,7 +65,7 @@ def evaluate(args) -> dict | None:
     from lsts.attention import AttentionContext
     from lsts.finetune.evaluate import passkey_by_length, perplexity_by_length
     from lsts.finetune.recipes import load_extended
-    from lsts.finetune.trainer import CausalLMLoss
+    from lsts.finetune.trainer import CausalLMLoss, resolve_tokenizer
     from lsts.models.hf import use_lsts_attention
     from lsts.parallel.comm import init_process_group
     from lsts.train.data import load_corpus, load_tokenizer
@@ -91,11 +91,7 @@ def evaluate(args) -> dict | None:
     use_lsts_attention(hf, ctx=ctx)
     model = CausalLMLoss(hf, backend="auto")
 
-    name = args.tokenizer
-    if name == "auto":
-        has_own = any(os.path.exists(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-        name = args.model if has_own else "byte"
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, args.model))
     corpus = load_corpus(args.data, tokenizer)
     stream = torch.from_numpy(corpus.tokens[-args.eval_tokens :].astype("int64"))
 

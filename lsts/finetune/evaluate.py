@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from lsts.attention import AttentionContext
 from lsts.finetune.trainer import CausalLMLoss
-from lsts.models.hf import attention_modules
 from lsts.parallel import gather_sequence, shard_sequence
 from lsts.train.data import IGNORE_INDEX
 
@@ -127,15 +126,11 @@ def answer_hits(model: CausalLMLoss, prompt: list[int], answer: list[int], ctx: 
     pad = -len(ids) % (2 * _world(ctx))  # the zigzag layout cuts 2P chunks: pad the end, never read
     ids = torch.cat([ids, ids.new_zeros(pad)])[None]
     positions = torch.arange(ids.shape[1])[None]
-    lm = model.causal_lm
-    for module in attention_modules(lm):
-        module.lsts_ctx = ctx
-    hidden = lm.get_decoder()(input_ids=_shard(ids, ctx), position_ids=_shard(positions, ctx), use_cache=False)
-    hidden = hidden.last_hidden_state
+    hidden = model.hidden_states(_shard(ids, ctx), _shard(positions, ctx), ctx)
     if ctx.mode != "local":
         hidden = gather_sequence(hidden, ctx.ring_group, layout=ctx.layout)
     at = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1)  # the positions that predict the answer
-    return lm.get_output_embeddings()(hidden[0, at]).argmax(-1) == torch.tensor(answer)
+    return model.causal_lm.get_output_embeddings()(hidden[0, at]).argmax(-1) == torch.tensor(answer)
 
 
 def passkey_trial(model: CausalLMLoss, tokenizer, length: int, depth: float, key: str, ctx) -> PasskeyTrial:

@@ -53,20 +53,25 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk_size, self.backend = chunk_size, backend
         self.spt = any(hasattr(m, "spt_pq") for m in model.modules())
+        self._attention = attention_modules(model)  # a plain list: not registered twice
 
     @property
     def causal_lm(self) -> nn.Module:
         """The transformers ``*ForCausalLM`` (under peft's wrapper, if any)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, tokens, positions, ctx: AttentionContext, labels) -> torch.Tensor:
-        for module in attention_modules(self.model):
+    def hidden_states(self, tokens, positions, ctx: AttentionContext) -> torch.Tensor:
+        """The decoder's last hidden states ``[B, S, d]`` of ``tokens`` attended under ``ctx``."""
+        for module in self._attention:
             module.lsts_ctx = ctx
-        lm = self.causal_lm
-        hidden = lm.get_decoder()(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+        decoder = self.causal_lm.get_decoder()
+        return decoder(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+
+    def forward(self, tokens, positions, ctx: AttentionContext, labels) -> torch.Tensor:
+        hidden = self.hidden_states(tokens, positions, ctx)
         loss, _ = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]),
-            lm.get_output_embeddings().weight.to(hidden.dtype),
+            self.causal_lm.get_output_embeddings().weight.to(hidden.dtype),
             labels.reshape(-1),
             reduction="sum",
             chunk_size=self.chunk_size,
@@ -77,13 +82,14 @@ class CausalLMLoss(nn.Module):
         return loss
 
 
-def resolve_tokenizer(cfg: FinetuneRunConfig) -> str:
-    """``data.tokenizer = auto``: the checkpoint's own tokenizer when it has one, else bytes."""
-    if cfg.data.tokenizer != "auto":
-        return cfg.data.tokenizer
-    model = Path(cfg.finetune.model)
-    has_own = not model.is_dir() or any((model / name).exists() for name in TOKENIZER_FILES)
-    return cfg.finetune.model if has_own else "byte"
+def resolve_tokenizer(name: str, model: str) -> str:
+    """Tokenizer ``auto``: the checkpoint's own when it has one (a hub name is assumed to), else
+    bytes; any other name as given."""
+    if name != "auto":
+        return name
+    path = Path(model)
+    has_own = not path.is_dir() or any((path / f).exists() for f in TOKENIZER_FILES)
+    return model if has_own else "byte"
 
 
 class FinetuneJob:
@@ -103,7 +109,7 @@ class FinetuneJob:
                 f"in the local cache ({e.__class__.__name__}); save one with save_pretrained and pass its path"
             ) from e
         self.vocab_size = self.hf_config.vocab_size
-        cfg.data.tokenizer = resolve_tokenizer(cfg)
+        cfg.data.tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.finetune.model)
         if cfg.data.tokenizer == "byte" and self.vocab_size < 256:
             raise ValueError(
                 f"{cfg.finetune.model} has a vocabulary of {self.vocab_size} ids and no tokenizer files, and the byte "
