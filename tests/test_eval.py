@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import lsts.models.hf as hf_attention
+import lsts.models.hf.attention as hf_attention
 from lsts.attention import AttentionContext
 from lsts.finetune.evaluate import answer_hits, passkey_prompt, perplexity_by_length
 from lsts.finetune.trainer import CausalLMLoss
