@@ -34,6 +34,10 @@ class AttentionContext:
     ring_group: dist.ProcessGroup | None = None
     ulysses_group: dist.ProcessGroup | None = None
     documents: Documents | None = None
+    # Hugging Face layers may read packed documents from their inputs (restarting position_ids,
+    # cu_seq_lens) when ``documents`` is None; the lsts trainers, which set ``documents``
+    # themselves (or deliberately none), turn this off.
+    infer_documents: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("local", "ring", "ulysses", "hybrid"):
@@ -90,9 +94,13 @@ def attention(
     span: Span = CAUSAL,
     ctx: AttentionContext = LOCAL,
     softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``q [B, S, H, D]``, ``k, v [B, S, H_kv, D]`` (``S`` local under sequence parallelism)
     -> ``out [B, S, H, D]``, attended with ``span`` as ``ctx`` says (scale ``1/sqrt(D)`` by default)."""
+    if softcap or sinks is not None:
+        raise ValueError("softcap / sinks: not implemented yet")
     if isinstance(span, RolledS2):
         return rolled_s2_attention(q, k, v, span, ctx, softmax_scale)
     kw = {"span": span, "cu_seqlens": ctx.documents, "backend": ctx.backend, "softmax_scale": softmax_scale}

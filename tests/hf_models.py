@@ -14,3 +14,75 @@ def save_tiny_llama(path, max_position_embeddings: int = 256, vocab_size: int = 
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+# Tiny configs of decoders from the installed transformers, each with the attention features that
+# make it differ from plain causal softmax switched on at a size the tests reach (windows and
+# chunks of 8 tokens on 24-token rows). Built from their config classes: nothing is downloaded.
+_COMMON = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attention_dropout=0.0, pad_token_id=0,
+)  # fmt: skip
+_TWO_KINDS = ["sliding_attention", "full_attention"]
+TINY_ARCHS = {
+    "llama": {},
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": dict(sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=None),
+    "gemma3_text": dict(sliding_window=8, layer_types=_TWO_KINDS),
+    "cohere": {},
+    "cohere2": dict(sliding_window=8, layer_types=_TWO_KINDS),
+    "starcoder2": dict(sliding_window=8),
+    "gpt_oss": dict(sliding_window=8, num_local_experts=4, num_experts_per_tok=2, layer_types=_TWO_KINDS),
+    "llama4_text": dict(  # chunked attention
+        attention_chunk_size=8,
+        num_local_experts=2,
+        interleave_moe_layer_step=1,
+        intermediate_size_mlp=96,
+        layer_types=["chunked_attention", "full_attention"],
+        no_rope_layers=[1, 0],
+        attn_temperature_tuning=False,  # it scales queries by the position in the *row*: packing would change it
+    ),
+    "phi": dict(partial_rotary_factor=0.5),
+    "phi3": {},
+    "gpt_neox": {},
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "olmo": {},
+    "olmo2": {},
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "granite": {},
+    "deepseek_v3": dict(
+        head_dim=8,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=8,  # MLA: values narrower than queries and keys
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        moe_intermediate_size=32,
+    ),
+    "smollm3": {},
+    "glm": {},
+    "exaone4": dict(sliding_window=8),
+}
+
+
+def tiny_causal_lm(arch: str, attn_implementation: str = "eager", seed: int = 0):
+    """A 2-layer random ``*ForCausalLM`` of ``arch`` (a key of `TINY_ARCHS`), float32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, **{**_COMMON, **TINY_ARCHS[arch]})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval()

@@ -16,6 +16,7 @@ model there and saved with ``save_pretrained``, next to the tokenizer the run us
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ class CausalLMLoss(nn.Module):
 
     def hidden_states(self, tokens, positions, ctx: AttentionContext) -> torch.Tensor:
         """The decoder's last hidden states ``[B, S, d]`` of ``tokens`` attended under ``ctx``."""
+        ctx = replace(ctx, infer_documents=False)  # the row's documents are in ctx (or deliberately none)
         for module in self._attention:
             module.lsts_ctx = ctx
         decoder = self.causal_lm.get_decoder()

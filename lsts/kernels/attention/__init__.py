@@ -155,6 +155,8 @@ def attention(
     q_offset: int = 0,
     k_offset: int = 0,
     cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable local attention: ``(out [B, Sq, H, D], lse [B, H, Sq])``; ``lse`` carries no
     gradient. ``span`` (see `Span`) overrides ``causal``; masks are evaluated at the global positions
@@ -164,6 +166,8 @@ def attention(
     sequence (or a prepared `Documents`); attention then stays inside each document. Every row of
     the batch shares them (pack one sequence per row, or use batch 1). A query with no visible key
     gets ``out = 0`` and ``lse = -inf``."""
+    if softcap or sinks is not None:
+        raise ValueError("softcap / sinks: not implemented yet")
     check_qkv(q, k, v)
     span = span if span is not None else (CAUSAL if causal else FULL)
     backend = resolve_backend(backend, q.device)
