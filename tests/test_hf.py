@@ -92,3 +92,100 @@ def _sharded_logits(rank, world, path, mode):
     positions = sequence_positions(48, layout="zigzag")[None]
     logits = model(shard_sequence(tokens, layout="zigzag"), position_ids=positions).logits
     return gather_sequence(logits.detach(), layout="zigzag").numpy()
+
+
+# --- generation, mixed precision and registration, on the architectures that need them -------------
+
+
+def _pair(arch, impl="sdpa"):
+    import copy
+
+    from tests.hf_models import tiny_causal_lm
+
+    ref = tiny_causal_lm(arch, attn_implementation=impl)
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("lsts")
+    return ref, ours
+
+
+GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3_text"])
+def test_left_padded_batched_generation_equals_sdpa(arch):
+    ref, ours = _pair(arch)
+    prompts = _tokens(2, 14) + 1
+    mask = torch.ones_like(prompts)
+    mask[1, :6] = 0  # left padding
+    kw = {**GREEDY, "max_new_tokens": 12, "attention_mask": mask}
+    assert torch.equal(ours.generate(prompts, **kw), ref.generate(prompts, **kw))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_static_cache_generation_equals_sdpa(arch):
+    ref, ours = _pair(arch)
+    prompts = _tokens(2, 10) + 1
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0
+    kw = {**GREEDY, "max_new_tokens": 8, "attention_mask": mask, "cache_implementation": "static"}
+    assert torch.equal(ours.generate(prompts, **kw), ref.generate(prompts, **kw))
+
+
+def test_sliding_window_generation_runs_past_the_window_like_sdpa():
+    ref, ours = _pair("mistral")  # window of 8: the cache slides from the 9th token on
+    prompt = _tokens(1, 12) + 1
+    kw = {**GREEDY, "max_new_tokens": 16}
+    assert torch.equal(ours.generate(prompt, **kw), ref.generate(prompt, **kw))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_autocast_and_bf16_weights_behave_as_sdpa(arch):
+    ref, ours = _pair(arch)
+    tokens = _tokens(2, 24) + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(tokens, labels=tokens), ref(tokens, labels=tokens)
+    assert got.logits.dtype == want.logits.dtype
+    assert torch.isfinite(got.loss) and abs(got.loss.item() - want.loss.item()) < 2e-2 * want.loss.item()
+    got.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+    ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+    assert rel_err(ours(tokens).logits, ref(tokens).logits) < 2e-2
+
+
+def test_from_pretrained_takes_lsts_after_importing_lsts(checkpoint):
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lsts.models.hf\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, attn_implementation='lsts')\n"
+        "assert m.config._attn_implementation == 'lsts'\n"
+        "m(torch.arange(1, 9)[None])\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_user_spans_compose_with_the_models_own():
+    from lsts.models.hf.attention import compose_spans
+
+    window = Span("window", 64)
+    assert compose_spans(window, None) == window
+    assert compose_spans(window, Span("s2", 32)) == Span("s2", 32)  # groups inside the window
+    assert compose_spans(window, Span("window", 16)) == Span("window", 16)
+    with pytest.raises(ValueError, match="does not fit the model's sliding window"):
+        compose_spans(window, Span("s2", 128))
+    with pytest.raises(ValueError, match="does not fit"):
+        compose_spans(window, Span("sf", 32, n_sink=4))  # sinks outside the window
+    with pytest.raises(ValueError, match="future tokens"):
+        compose_spans(Span("causal"), Span("full"))
+
+
+def test_an_attention_argument_lsts_lacks_is_an_error(checkpoint):
+    from lsts.models.hf.attention import lsts_attention_forward
+
+    model = _load(checkpoint, "lsts")
+    q = torch.zeros(1, 4, 3, 16)
+    kv = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="'position_bias'"):
+        lsts_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None, position_bias=torch.zeros(1))
