@@ -86,3 +86,60 @@ def tiny_causal_lm(arch: str, attn_implementation: str = "eager", seed: int = 0)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval()
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def parity_errors(arch: str, mode: str, length: int = 24) -> dict[str, float]:
+    """Relative errors of ``arch`` on lsts attention against the same weights on ``eager``:
+    ``{"logits": e, "grad": worst parameter gradient's e, "grad_param": its name}``.
+
+    ``mode``: "plain" (2 rows), "left_padded" (2 rows, 5 pads on the first; real tokens only) or
+    "packed" (one row of two documents with restarting position_ids, against each document run
+    alone). The loss is a fixed random projection of the logits, so every logit has a gradient."""
+    import copy
+
+    ref = tiny_causal_lm(arch)
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("lsts")
+    gen = torch.Generator().manual_seed(1)
+    vocab = ref.config.vocab_size
+    if mode == "packed":
+        lengths = [length // 2 - 1, length - length // 2 + 1]
+        tokens = torch.randint(1, vocab, (1, length), generator=gen)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        w = torch.randn(length, vocab, generator=gen, dtype=torch.float64)
+        got = ours(tokens, position_ids=positions, use_cache=False).logits[0]  # transformers packs without a cache
+        (got.double() * w).sum().backward()
+        parts, start = [], 0
+        for n in lengths:
+            out = ref(tokens[:, start : start + n]).logits[0]
+            (out.double() * w[start : start + n]).sum().backward()
+            parts.append(out.detach())
+            start += n
+        want = torch.cat(parts)
+    else:
+        tokens = torch.randint(1, vocab, (2, length), generator=gen)
+        mask = torch.ones_like(tokens)
+        if mode == "left_padded":
+            mask[0, :5] = 0
+        elif mode != "plain":
+            raise ValueError(f"unknown parity mode {mode!r}")
+        keep = mask.bool()
+        w = torch.randn(int(keep.sum()), vocab, generator=gen, dtype=torch.float64)
+        outs = []
+        for model in (ours, ref):
+            out = model(tokens, attention_mask=mask).logits[keep]
+            (out.double() * w).sum().backward()
+            outs.append(out.detach())
+        got, want = outs
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    if grads.keys() != ref_grads.keys():
+        raise AssertionError(f"parameters with gradients differ: {sorted(grads.keys() ^ ref_grads.keys())}")
+    errors = {n: _rel(grads[n], g) for n, g in ref_grads.items()}
+    worst = max(errors, key=errors.get)
+    return {"logits": _rel(got.detach(), want), "grad": errors[worst], "grad_param": worst}
