@@ -32,6 +32,7 @@ TINY_ARCHS = {
     "gemma": {},
     "gemma2": dict(sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=None),
     "gemma3_text": dict(sliding_window=8, layer_types=_TWO_KINDS),
+    "gemma3_text:bidirectional": dict(use_bidirectional_attention=True, layer_types=["full_attention"] * 2),
     "cohere": {},
     "cohere2": dict(sliding_window=8, layer_types=_TWO_KINDS),
     "starcoder2": dict(sliding_window=8),
@@ -79,10 +80,11 @@ TINY_ARCHS = {
 
 
 def tiny_causal_lm(arch: str, attn_implementation: str = "eager", seed: int = 0):
-    """A 2-layer random ``*ForCausalLM`` of ``arch`` (a key of `TINY_ARCHS`), float32, eval mode."""
+    """A 2-layer random ``*ForCausalLM`` of ``arch`` (a key of `TINY_ARCHS`: a model type, or
+    ``type:variant``), float32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(arch, **{**_COMMON, **TINY_ARCHS[arch]})
+    cfg = AutoConfig.for_model(arch.split(":")[0], **{**_COMMON, **TINY_ARCHS[arch]})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval()
