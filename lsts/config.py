@@ -102,6 +102,10 @@ class ParallelConfig:
     layout: Literal["zigzag", "contiguous", "stripe"] = _f("zigzag", "how the sequence is cut across cp ranks")
     dp_engine: Literal["fsdp2", "ddp", "zero1", "zero2", "zero3"] = _f("fsdp2", "data-parallel engine")
     activation_checkpoint: Literal["none", "full", "selective"] = _f("none", "recompute activations in backward")
+    activation_offload: bool = _f(
+        False, "keep each checkpointed block's input in pinned host memory until its backward (needs checkpointing)"
+    )
+    mlp_tile_tokens: int = _f(0, "feed-forward over tiles of this many tokens, recomputed in backward (0: off)")
     pp_microbatches: int = _f(1, "micro-batches per step in the pipeline schedule")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "process-group backend; auto = nccl on CUDA, else gloo")
     timeout_s: int = _f(600, "collective timeout in seconds")
@@ -332,6 +336,12 @@ class Sections:
                 errors.append(f"parallel.{name} ({getattr(p, name)}) must be >= 1, or -1 to fill the world")
         if p.dp_shard == p.cp_ring == -1:
             errors.append("parallel.dp_shard and parallel.cp_ring are both -1: only one degree can fill the world")
+        if p.activation_offload and p.activation_checkpoint == "none":
+            errors.append(
+                "parallel.activation_offload offloads the inputs checkpointing keeps: set "
+                "--parallel.activation_checkpoint=full (or selective)"
+            )
+        errors += _at_least("parallel", p, 0, "mlp_tile_tokens")
         errors += _positive("parallel", p, "timeout_s") + _positive("kernels", self.kernels, "loss_chunk_size")
         errors += _at_least("data", d, 1, "seq_len", "batch_size") + _at_least("data", d, 0, "seed", "num_workers")
         errors += _positive("optim", o, "lr", "eps") + _at_least("optim", o, 0, "min_lr", "weight_decay")

@@ -154,10 +154,18 @@ def test_pipeline_checkpoint_resumes_in_one_process(tmp_path):
     _assert_same_run(_metrics(out)[-1:], _run(tmp_path, "straight", 1, *PIPE)[-1:])
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, mode):
+@pytest.mark.parametrize(
+    "name,memory",
+    [
+        ("full", ["--parallel.activation_checkpoint=full"]),
+        ("selective", ["--parallel.activation_checkpoint=selective"]),
+        ("offload+tiles", ["--parallel.activation_checkpoint=full", "--parallel.activation_offload=true",
+                           "--parallel.mlp_tile_tokens=24"]),
+    ],
+)  # fmt: skip
+def test_memory_passes_change_nothing_but_memory(tmp_path, name, memory):
     plain = _run(tmp_path, "plain", 2, "--parallel.cp_ring=2")
-    recomputed = _run(tmp_path, mode, 2, "--parallel.cp_ring=2", f"--parallel.activation_checkpoint={mode}")
+    recomputed = _run(tmp_path, name, 2, "--parallel.cp_ring=2", *memory)
     _assert_same_run(recomputed, plain, tol=1e-6)
 
 

@@ -17,12 +17,12 @@ without tensor and pipeline parallelism, where those ranks are the whole world.
 from __future__ import annotations
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
 from lsts.parallel.dims import ParallelDims, ParallelMesh
+from lsts.parallel.memory import checkpoint_block, tile_tokens
 
 SUPPORTED_ENGINES = ("fsdp2", "ddp", "zero1", "zero2", "zero3")
 
@@ -75,18 +75,24 @@ def parallelize(
     dp_engine: str,
     activation_checkpoint: str,
     param_dtype: torch.dtype,
+    activation_offload: bool = False,
+    mlp_tile_tokens: int = 0,
 ) -> torch.nn.Module:
-    """Apply activation checkpointing and the data-parallel engine to ``model`` (in place where the
-    engine allows); returns the module to train."""
+    """Apply tensor parallelism, the memory passes (feed-forward tiling, activation checkpointing
+    with optional offload; `lsts.parallel.memory`) and the data-parallel engine to ``model`` (in
+    place where the engine allows); returns the module to train."""
     check_supported(dims, dp_engine)
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    for block in model.layers.children():
+        if mlp_tile_tokens:
+            block.feed_forward = tile_tokens(block.feed_forward, mlp_tile_tokens)
     if activation_checkpoint != "none":
         # "full" recomputes every block in backward; "selective" every other one (torchtitan's
         # layer-selective option), trading half the activation memory saved for less recompute.
         for i, (name, block) in enumerate(list(model.layers.named_children())):
             if activation_checkpoint == "full" or i % 2 == 0:
-                model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+                model.layers.register_module(name, checkpoint_block(block, offload=activation_offload))
     if dims.dp * dims.cp == 1 or dp_engine.startswith("zero"):
         return model
     if dp_engine == "fsdp2":

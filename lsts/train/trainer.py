@@ -142,9 +142,11 @@ class MASFormerJob:
         flops_per_token = model.flops_per_token(cfg.data.seq_len)
         if dims.pp > 1:
             model = split_stage(model, dims.pp, mesh["pp"].get_local_rank())
+        p = cfg.parallel
         model = parallelize(
-            model, dims, mesh, cfg.parallel.dp_engine, cfg.parallel.activation_checkpoint, param_dtype=dtype
-        )
+            model, dims, mesh, p.dp_engine, p.activation_checkpoint, param_dtype=dtype,
+            activation_offload=p.activation_offload, mlp_tile_tokens=p.mlp_tile_tokens,
+        )  # fmt: skip
         return _build_update(cfg, model, dims, mesh, device, dtype), flops_per_token
 
     def check_resume(self, extra: dict) -> None:
