@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, Documents, Span
+from lsts.kernels.attention import CAUSAL, Documents, Span, check_softcap_sinks
 from lsts.kernels.attention import attention as local_attention
 from lsts.parallel import hybrid_attention, ring_attention, ulysses_attention
 
@@ -68,8 +68,12 @@ class RolledS2:
             raise ValueError(f"the rolled S² group must be positive and even, got {self.size}")
 
 
-def rolled_s2_attention(q, k, v, span: RolledS2, ctx: AttentionContext, softmax_scale=None) -> torch.Tensor:
-    """`RolledS2` attention of whole sequences (``q [B, N, H, D]``, ``k, v [B, N, H_kv, D]``)."""
+def rolled_s2_attention(
+    q, k, v, span: RolledS2, ctx: AttentionContext, softmax_scale=None, softcap: float = 0.0, sinks=None
+) -> torch.Tensor:
+    """`RolledS2` attention of whole sequences (``q [B, N, H, D]``, ``k, v [B, N, H_kv, D]``);
+    ``softcap`` and ``sinks`` as in `attention`."""
+    check_softcap_sinks(q, softcap, sinks)
     if ctx.mode != "local" or ctx.documents is not None:
         raise ValueError("the rolled S² ablation attends one whole, unpacked sequence: use a local context")
     if q.shape[1] % span.size:
@@ -82,7 +86,10 @@ def rolled_s2_attention(q, k, v, span: RolledS2, ctx: AttentionContext, softmax_
         idx = kv_head[heads]
         qh, kh, vh = q[:, :, heads], k.index_select(2, idx), v.index_select(2, idx)
         qh, kh, vh = (x.roll(-roll, dims=1) for x in (qh, kh, vh))
-        out = local_attention(qh, kh, vh, span=block, backend=ctx.backend, softmax_scale=softmax_scale)[0]
+        head_sinks = None if sinks is None else sinks[heads]
+        out = local_attention(
+            qh, kh, vh, span=block, backend=ctx.backend, softmax_scale=softmax_scale, softcap=softcap, sinks=head_sinks
+        )[0]
         outs.append(out.roll(roll, dims=1))
     return torch.cat(outs, dim=2)
 
@@ -98,12 +105,13 @@ def attention(
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``q [B, S, H, D]``, ``k, v [B, S, H_kv, D]`` (``S`` local under sequence parallelism)
-    -> ``out [B, S, H, D]``, attended with ``span`` as ``ctx`` says (scale ``1/sqrt(D)`` by default)."""
-    if softcap or sinks is not None:
-        raise ValueError("softcap / sinks: not implemented yet")
+    -> ``out [B, S, H, D]``, attended with ``span`` as ``ctx`` says (scale ``1/sqrt(D)`` by default).
+    ``softcap`` (Gemma2's logit cap, 0 = off) and ``sinks [H]`` (gpt-oss' learnable sink logits,
+    one per query head) as in `lsts.kernels.attention.attention`, under every mode."""
     if isinstance(span, RolledS2):
-        return rolled_s2_attention(q, k, v, span, ctx, softmax_scale)
+        return rolled_s2_attention(q, k, v, span, ctx, softmax_scale, softcap, sinks)
     kw = {"span": span, "cu_seqlens": ctx.documents, "backend": ctx.backend, "softmax_scale": softmax_scale}
+    kw.update(softcap=softcap, sinks=sinks)
     if ctx.mode == "local":
         return local_attention(q, k, v, **kw)[0]
     if ctx.mode == "ring":

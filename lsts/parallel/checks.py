@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Span, check_qkv, default_scale, resolve_backend
+from lsts.kernels.attention import CAUSAL, FULL, Span, check_qkv, check_softcap_sinks, default_scale, resolve_backend
+from lsts.kernels.attention.sinks import softcap_code
 from lsts.kernels.attention.spans import SPAN_KINDS
 from lsts.parallel.comm import agree_across_ranks, decode_dtype, encode_dtype
 from lsts.parallel.sharding import LAYOUTS, check_seq_len
@@ -18,10 +19,15 @@ def group_world(group) -> int:
     return dist.get_world_size(group)
 
 
-def attention_setup(q, k, v, group, layout, causal, softmax_scale, backend, extra_check=None, extra_fields=None):
+def attention_setup(
+    q, k, v, group, layout, causal, softmax_scale, backend, extra_check=None, extra_fields=None, softcap=0.0,
+    sinks=None,
+):  # fmt: skip
     """Validate one sequence-parallel attention call on every rank of ``group``; returns the
     resolved ``(softmax_scale, backend)``. ``causal`` is a bool or a `Span`; ``extra_check(world)``
-    adds method-specific rules and ``extra_fields`` (name -> int) more values every rank must share."""
+    adds method-specific rules and ``extra_fields`` (name -> int) more values every rank must share.
+    ``softcap`` and the presence of ``sinks`` must agree too (the sink values are a replicated
+    parameter's, not compared)."""
     span = causal if isinstance(causal, Span) else (CAUSAL if causal else FULL)
     world = group_world(group)
     error = None
@@ -32,6 +38,7 @@ def attention_setup(q, k, v, group, layout, causal, softmax_scale, backend, extr
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"q and k/v shards must have the same length; got {q.shape[1]} and {k.shape[1]}")
         check_seq_len(q.shape[1] * world, layout, world)
+        check_softcap_sinks(q, softcap, sinks)
         backend = resolve_backend(backend, q.device)
         if extra_check is not None:
             extra_check(world)
@@ -41,10 +48,19 @@ def attention_setup(q, k, v, group, layout, causal, softmax_scale, backend, extr
     fields = {"batch": qs[0], "local sequence length": qs[1], "query heads": qs[2], "head_dim": qs[3]}
     fields.update({"key/value heads": ks[2], "dtype": encode_dtype(q.dtype)})
     fields.update({"span kind code": SPAN_KINDS.index(span.kind), "span size": span.size, "sinks": span.n_sink})
+    fields.update({"softcap (float64 bits)": _softcap_field(softcap), "learnable sinks given": int(sinks is not None)})
     fields.update(extra_fields or {})
     fields["layout code"] = LAYOUTS.index(layout) if layout in LAYOUTS else -1
     agree_across_ranks(group, fields, error, decode={"dtype": decode_dtype})
     return default_scale(q.shape[-1], softmax_scale), backend
+
+
+def _softcap_field(softcap) -> int:
+    """The agreement code of ``softcap``; -1 for a value its check rejects (that rank reports it)."""
+    try:
+        return softcap_code(softcap)
+    except (TypeError, ValueError):
+        return -1
 
 
 __all__ = ["attention_setup", "group_world"]

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from lsts.kernels.attention import Documents, Span, attention_bwd, attention_fwd, merge_into
+from lsts.kernels.attention.sinks import add_sinks, sinks_grad
 from lsts.parallel.sharding import shard_chunks
 
 HALO_KINDS = ("window", "block", "s2", "sf")
@@ -170,34 +171,40 @@ class _Exchange(torch.autograd.Function):
 
 class _BlocksAttention(torch.autograd.Function):
     """Queries against several disjoint key blocks ``kv [2, B, S_i, H_kv, D]`` at global offsets:
-    forward merges the blocks' (out, lse); backward runs each block with the global out and lse."""
+    forward merges the blocks' (out, lse), then applies the ``sinks`` (these are all the keys of the
+    queries); backward runs each block with the global out and lse."""
 
     @staticmethod
-    def forward(ctx, q, scale, span, backend, q_offset, k_offsets, docs, *kvs):
+    def forward(ctx, q, sinks, scale, span, backend, q_offset, k_offsets, docs, softcap, *kvs):
         acc = torch.promote_types(q.dtype, torch.float32)
         out = q.new_zeros(q.shape, dtype=acc)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
         for kv, k_offset in zip(kvs, k_offsets):
-            o, l = attention_fwd(q, *kv, scale, span, backend, q_offset, k_offset, docs)
+            o, l = attention_fwd(q, *kv, scale, span, backend, q_offset, k_offset, docs, softcap)
             merge_into(out, lse, o, l)
+        if sinks is not None:
+            out, lse = add_sinks(out, lse, sinks)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, out, lse, *kvs)
-        ctx.args = (scale, span, backend, q_offset, k_offsets, docs)
+        ctx.save_for_backward(q, out, lse, sinks, *kvs)
+        ctx.args = (scale, span, backend, q_offset, k_offsets, docs, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, out, lse, *kvs = ctx.saved_tensors
-        scale, span, backend, q_offset, k_offsets, docs = ctx.args
+        q, out, lse, sinks, *kvs = ctx.saved_tensors
+        scale, span, backend, q_offset, k_offsets, docs, softcap = ctx.args
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         dkvs = []
         for kv, k_offset in zip(kvs, k_offsets):
-            dq_b, dk, dv = attention_bwd(dout, q, *kv, out, lse, scale, span, backend, q_offset, k_offset, docs)
+            dq_b, dk, dv = attention_bwd(
+                dout, q, *kv, out, lse, scale, span, backend, q_offset, k_offset, docs, softcap
+            )
             dq += dq_b
             dkvs.append(torch.stack([dk, dv]).to(kv.dtype))
-        return dq.to(q.dtype), None, None, None, None, None, None, *dkvs
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        return dq.to(q.dtype), dsinks, *[None] * 7, *dkvs
 
 
 def halo_attention(
@@ -210,6 +217,8 @@ def halo_attention(
     softmax_scale: float,
     backend: str,
     docs: Documents | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of a window, block, S² or SF span over a sharded sequence (see
     `halo_applies`); inputs as in `ring_attention`, already validated by the caller.
@@ -229,12 +238,15 @@ def halo_attention(
         for heads, kv_heads, shift_from in kinds:
             kind_span = replace(span, shift_from=shift_from)
             qs, ks, vs = q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads]
-            parts.append(_halo_attention(qs, ks, vs, group, layout, kind_span, softmax_scale, backend, docs))
+            kind_sinks = None if sinks is None else sinks[heads]
+            parts.append(
+                _halo_attention(qs, ks, vs, group, layout, kind_span, softmax_scale, backend, docs, softcap, kind_sinks)
+            )
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=1)
-    return _halo_attention(q, k, v, group, layout, span, softmax_scale, backend, docs)
+    return _halo_attention(q, k, v, group, layout, span, softmax_scale, backend, docs, softcap, sinks)
 
 
-def _halo_attention(q, k, v, group, layout, span, softmax_scale, backend, docs):
+def _halo_attention(q, k, v, group, layout, span, softmax_scale, backend, docs, softcap, sinks):
     rank, world, s_local = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
     width = halo_width(span, layout, s_local, world, q.shape[2])
     runs = _runs(span, layout, rank, world, s_local, width)
@@ -248,11 +260,13 @@ def _halo_attention(q, k, v, group, layout, span, softmax_scale, backend, docs):
             before = received[f"halo{i}"] if run.halo[0] == "recv" else kv[:, :, run.halo[1]]
             blocks[0], offsets[0] = torch.cat([before, blocks[0]], dim=2), run.first - width
         if run.n_sink:  # sinks before the main block; on rank 0 they are our own first rows
-            sinks = kv if rank == 0 else received["sinks"]
-            blocks.append(sinks[:, :, : run.n_sink])
+            sink_kv = kv if rank == 0 else received["sinks"]
+            blocks.append(sink_kv[:, :, : run.n_sink])
             offsets.append(0)
         q_run = q[:, run.rows]
-        out, lse = _BlocksAttention.apply(q_run, softmax_scale, span, backend, run.first, tuple(offsets), docs, *blocks)
+        out, lse = _BlocksAttention.apply(
+            q_run, sinks, softmax_scale, span, backend, run.first, tuple(offsets), docs, softcap, *blocks
+        )
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)

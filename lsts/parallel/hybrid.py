@@ -20,6 +20,7 @@ from lsts.parallel.ring import ring_attention
 from lsts.parallel.sharding import check_seq_len, layout_indices
 from lsts.parallel.ulysses import (
     check_heads,
+    head_shard_sinks,
     head_shard_span,
     heads_to_sequence,
     layout_order,
@@ -54,12 +55,16 @@ def hybrid_attention(
     mesh=None,
     span: Span | None = None,
     cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ):
     """Ulysses × ring attention. Pass ``ring_group`` and ``ulysses_group``, or ``mesh``: a 2-D
     DeviceMesh whose axis 0 is the ring and axis 1 the Ulysses group. ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` over all ``U·R`` ranks; returns
     ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Needs ``H % U == 0``.
-    ``span`` and ``cu_seqlens`` as in `ring_attention` (zigzag or contiguous)."""
+    ``span`` and ``cu_seqlens`` as in `ring_attention` (zigzag or contiguous). ``softcap`` and
+    ``sinks [H]`` as in `ulysses_attention`: each rank's ``sinks.grad`` holds the part of its heads
+    and its ring shard's queries."""
     span = span if span is not None else (CAUSAL if causal else FULL)
     if mesh is not None:
         if mesh.ndim != 2:
@@ -72,7 +77,9 @@ def hybrid_attention(
     def check(w: int) -> None:
         _check_hybrid(layout, q.shape[2], w, q.shape[1] * n_uly * n_ring, n_uly * n_ring)
 
-    scale, backend = attention_setup(q, k, v, ulysses_group, layout, span, softmax_scale, backend, extra_check=check)
+    scale, backend = attention_setup(
+        q, k, v, ulysses_group, layout, span, softmax_scale, backend, extra_check=check, softcap=softcap, sinks=sinks
+    )
     world, ring_rank = n_uly * n_ring, dist.get_rank(ring_group)
     seq_len = q.shape[1] * world
 
@@ -84,9 +91,11 @@ def hybrid_attention(
     assert torch.equal(gathered[to_ring], layout_indices(seq_len, n_ring, ring_rank, layout))
     to_ring, from_ring = to_ring.to(q.device), torch.argsort(to_ring).to(q.device)
     qh, kh, vh = (x[:, to_ring] for x in (qh, kh, vh))
+    uly_rank = dist.get_rank(ulysses_group)
     out, lse = ring_attention(
         qh, kh, vh, ring_group, layout=layout, softmax_scale=scale, return_lse=True, backend=backend,
-        span=head_shard_span(span, q.shape[2], dist.get_rank(ulysses_group), n_uly), cu_seqlens=cu_seqlens,
+        span=head_shard_span(span, q.shape[2], uly_rank, n_uly), cu_seqlens=cu_seqlens, softcap=softcap,
+        sinks=head_shard_sinks(sinks, uly_rank, n_uly),
     )  # fmt: skip
     out = sequence_to_heads(out[:, from_ring], ulysses_group)
     if not return_lse:

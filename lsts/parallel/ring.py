@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attention_bwd, attention_fwd
 from lsts.kernels.attention.merge import merge_into
+from lsts.kernels.attention.sinks import add_sinks, sinks_grad
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import RingComm
 from lsts.parallel.halo import halo_applies, halo_attention
@@ -69,8 +70,11 @@ def ring_pass_with_grad(
     return travelling
 
 
-def ring_forward(q, k, v, comm: RingComm, layout: str, span: Span, scale: float, backend: str, docs=None):
-    """Forward: ``(out [B, S, H, D] in q.dtype, lse [B, H, S] float32/64)``."""
+def ring_forward(
+    q, k, v, comm: RingComm, layout: str, span: Span, scale: float, backend: str, docs=None, softcap=0.0, sinks=None
+):
+    """Forward: ``(out [B, S, H, D] in q.dtype, lse [B, H, S] float32/64)``; ``sinks`` apply once,
+    to the merged result of all P steps."""
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=acc_dtype(q.dtype), device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
@@ -78,15 +82,20 @@ def ring_forward(q, k, v, comm: RingComm, layout: str, span: Span, scale: float,
     def visit(src: int, kv: torch.Tensor) -> None:
         for t in tiles(layout, comm.rank, src, comm.world, s, span, docs):
             qt, kt, vt = q[:, t.q], kv[0][:, t.k], kv[1][:, t.k]
-            o, l = attention_fwd(qt, kt, vt, scale, t.span, backend, t.q_offset, t.k_offset, docs)
+            o, l = attention_fwd(qt, kt, vt, scale, t.span, backend, t.q_offset, t.k_offset, docs, softcap)
             merge_into(out[:, t.q], lse[:, :, t.q], o, l)
 
     ring_pass(comm, torch.stack([k, v]), visit)
+    if sinks is not None:
+        out, lse = add_sinks(out, lse, sinks)
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, layout, span, scale, backend, docs):
-    """Backward: ``(dq, dk, dv)`` of this rank's shards."""
+def ring_backward(
+    dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, layout, span, scale, backend, docs, softcap=0.0
+):
+    """Backward: ``(dq, dk, dv)`` of this rank's shards (``out`` and ``lse`` with the sinks applied,
+    if any: the same backward is then exact)."""
     s = q.shape[1]
     dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
 
@@ -94,7 +103,7 @@ def ring_backward(dout, q, k, v, out, lse, comm: RingComm, grad_comm: RingComm, 
         dkv = torch.zeros(kv.shape, dtype=acc_dtype(q.dtype), device=q.device)
         for t in tiles(layout, comm.rank, src, comm.world, s, span, docs):
             rows = (dout[:, t.q], q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], out[:, t.q], lse[:, :, t.q])
-            dq_t, dk_t, dv_t = attention_bwd(*rows, scale, t.span, backend, t.q_offset, t.k_offset, docs)
+            dq_t, dk_t, dv_t = attention_bwd(*rows, scale, t.span, backend, t.q_offset, t.k_offset, docs, softcap)
             dq[:, t.q] += dq_t
             dkv[0][:, t.k] += dk_t
             dkv[1][:, t.k] += dv_t
@@ -114,20 +123,21 @@ def document_fields(docs: Documents | None) -> dict[str, int]:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, layout, span, scale, backend, docs):
-        out, lse = ring_forward(q, k, v, RingComm(group), layout, span, scale, backend, docs)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, layout, span, scale, backend, docs)
+    def forward(ctx, q, k, v, sinks, group, layout, span, scale, backend, docs, softcap):
+        out, lse = ring_forward(q, k, v, RingComm(group), layout, span, scale, backend, docs, softcap, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.args = (group, layout, span, scale, backend, docs, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, layout, span, scale, backend, docs = ctx.args
-        comms = RingComm(group), RingComm(group)
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *comms, layout, span, scale, backend, docs)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        group, *args = ctx.args
+        dout = dout.contiguous()
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, RingComm(group), RingComm(group), *args)
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)  # this rank's queries' part
+        return dq, dk, dv, dsinks, *[None] * 7
 
 
 def ring_attention(
@@ -142,6 +152,8 @@ def ring_attention(
     backend: str = "auto",
     span: Span | None = None,
     cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ):
     """Online-softmax ring attention over the sequence-parallel ``group``.
 
@@ -155,6 +167,11 @@ def ring_attention(
     Window, block, S² and SF spans whose reach fits inside a run skip the ring: a halo exchange with
     the neighbours brings the few keys they need, and rank 0 sends SF's sinks once
     (`lsts.parallel.halo`), so traffic is ∝ the span, not N.
+
+    ``softcap`` and ``sinks [H]`` as in `lsts.kernels.attention.attention`. A sink is applied once to
+    each query's merged result; ``sinks.grad`` on a rank holds the part of its own queries (sum it
+    over the group as for any replicated parameter, which data-parallel engines over the
+    sequence-parallel ranks do).
     """
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -165,10 +182,12 @@ def ring_attention(
 
     docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)  # (a bad one raises before any collective)
     scale, backend = attention_setup(
-        q, k, v, group, layout, span, softmax_scale, backend, extra_check=check_span, extra_fields=document_fields(docs)
-    )
+        q, k, v, group, layout, span, softmax_scale, backend, extra_check=check_span,
+        extra_fields=document_fields(docs), softcap=softcap, sinks=sinks,
+    )  # fmt: skip
+    softcap = float(softcap)
     if halo_applies(span, layout, q.shape[1], world):
-        out, lse = halo_attention(q, k, v, group, layout, span, scale, backend, docs)
+        out, lse = halo_attention(q, k, v, group, layout, span, scale, backend, docs, softcap, sinks)
     else:
-        out, lse = _RingAttention.apply(q, k, v, group, layout, span, scale, backend, docs)
+        out, lse = _RingAttention.apply(q, k, v, sinks, group, layout, span, scale, backend, docs, softcap)
     return (out, lse) if return_lse else out

@@ -100,10 +100,18 @@ def rsa_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ):
     """Two-ring Ring Self-Attention on the contiguous layout: ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` -> ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]``).
-    Materializes ``[B, H, S_local, N]`` probabilities: O(N^2 / P) memory per rank."""
-    scale, _ = attention_setup(q, k, v, group, "contiguous", causal, softmax_scale, "reference")
+    Materializes ``[B, H, S_local, N]`` probabilities: O(N^2 / P) memory per rank. The seed method
+    has no ``softcap`` or ``sinks``: they are a `ValueError` (use `ring_attention`)."""
+
+    def check(_world: int) -> None:
+        if softcap or sinks is not None:
+            raise ValueError("rsa_attention implements neither softcap nor sinks; use ring_attention for them")
+
+    scale, _ = attention_setup(q, k, v, group, "contiguous", causal, softmax_scale, "reference", extra_check=check)
     out, lse = _RingSelfAttention.apply(q, k, v, group, causal, scale)
     return (out, lse) if return_lse else out

@@ -55,6 +55,15 @@ def layout_order(seq_len: int, world: int, layout: str, ranks: range | None = No
     return torch.cat([layout_indices(seq_len, world, r, layout) for r in ranks])
 
 
+def head_shard_sinks(sinks: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:
+    """This rank's slice of the per-query-head ``sinks`` after the all-to-all (its heads). Its
+    gradient flows back through the slice: each rank's ``sinks.grad`` holds its own heads' part."""
+    if sinks is None:
+        return None
+    n = sinks.shape[0] // world
+    return sinks[rank * n : (rank + 1) * n]
+
+
 def heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """``[B, S_local, H, D]`` -> ``[B, S_local * P, H / P, D]`` (tokens in rank order)."""
     return all_to_all(x, scatter_dim=2, gather_dim=1, group=group)
@@ -77,6 +86,8 @@ def ulysses_attention(
     backend: str = "auto",
     span: Span | None = None,
     cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ):
     """All-to-all head-sharded attention over ``group``: ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` -> ``out [B, S_local, H, D]``
@@ -84,7 +95,11 @@ def ulysses_attention(
 
     ``span`` (overrides ``causal``) and ``cu_seqlens`` (documents of the global sequence) apply to
     the whole sequence each rank gathers; spans that shift the second half of the heads (S², SF)
-    are told where that half begins in this rank's slice of heads (`head_shard_span`)."""
+    are told where that half begins in this rank's slice of heads (`head_shard_span`).
+
+    ``softcap`` and ``sinks [H]`` (all the layer's query heads, the same on every rank) as in
+    `lsts.kernels.attention.attention`; each rank applies the sinks of its heads, so ``sinks.grad``
+    on a rank holds its heads' part (sum it over the group as for any replicated parameter)."""
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 
@@ -93,16 +108,21 @@ def ulysses_attention(
 
     docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)
     scale, backend = attention_setup(
-        q, k, v, group, layout, span, softmax_scale, backend, extra_check=check, extra_fields=document_fields(docs)
-    )
+        q, k, v, group, layout, span, softmax_scale, backend, extra_check=check,
+        extra_fields=document_fields(docs), softcap=softcap, sinks=sinks,
+    )  # fmt: skip
     k, v = replicate_kv_heads(k, v, world)
     qh, kh, vh = (heads_to_sequence(x, group) for x in (q, k, v))
     order = layout_order(qh.shape[1], world, layout).to(q.device)
     if layout != "contiguous":  # rank order -> global order, for the causal mask
         inverse = torch.argsort(order)
         qh, kh, vh = (x[:, inverse] for x in (qh, kh, vh))
-    shard_span = head_shard_span(span, q.shape[2], dist.get_rank(group), world)
-    out, lse = attention(qh, kh, vh, softmax_scale=scale, backend=backend, span=shard_span, cu_seqlens=docs)
+    rank = dist.get_rank(group)
+    shard_span = head_shard_span(span, q.shape[2], rank, world)
+    out, lse = attention(
+        qh, kh, vh, softmax_scale=scale, backend=backend, span=shard_span, cu_seqlens=docs, softcap=softcap,
+        sinks=head_shard_sinks(sinks, rank, world),
+    )  # fmt: skip
     if layout != "contiguous":
         out, lse = out[:, order], lse[:, :, order]
     out = sequence_to_heads(out, group)

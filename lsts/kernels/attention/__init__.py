@@ -13,6 +13,9 @@ Layout: ``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` with ``H % H_kv == 0`` (G
 ``lse [B, H, Sq]`` in float32 (float64 for float64 inputs). Masks are spans (`spans.Span`: full,
 causal, window, block, LongLoRA S², SinkLoRA SF) evaluated at global positions, so the same call
 serves a whole sequence, a ring step or any two blocks of a sharded sequence.
+
+Logit softcapping (``softcap``, Gemma2) is a score transform every backend applies per block;
+learnable sinks (``sinks``, gpt-oss) are applied once to the merged ``(out, lse)`` (`sinks`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from lsts.kernels.attention import cpu, reference
 from lsts.kernels.attention.documents import Documents
 from lsts.kernels.attention.merge import merge_into
+from lsts.kernels.attention.sinks import add_sinks, check_softcap_sinks, sinks_grad
 from lsts.kernels.attention.spans import Span
 from lsts.kernels.backend import resolve_backend as _resolve
 
@@ -35,6 +39,7 @@ __all__ = [
     "attention",
     "attention_bwd",
     "attention_fwd",
+    "check_softcap_sinks",
     "merge_into",
     "resolve_backend",
 ]
@@ -66,37 +71,43 @@ def _fused_cpu(span: Span, q, k, q_offset: int, k_offset: int, docs: Documents |
 
 
 def attention_fwd(
-    q, k, v, softmax_scale: float, span: Span, backend: str, q_offset: int = 0, k_offset: int = 0, docs=None
-):
+    q, k, v, softmax_scale: float, span: Span, backend: str, q_offset: int = 0, k_offset: int = 0, docs=None,
+    softcap: float = 0.0,
+):  # fmt: skip
     """Forward of one block: ``(out [B, Sq, H, D], lse [B, H, Sq])``. ``backend`` must be resolved.
     Query i and key j of the block sit at global positions ``q_offset + i`` and ``k_offset + j``;
-    ``docs`` (`Documents`, global) keeps attention inside packed documents."""
+    ``docs`` (`Documents`, global) keeps attention inside packed documents; ``softcap`` > 0 caps the
+    scaled scores, ``softcap * tanh(s / softcap)``, before masking (Gemma2). Sinks are not a
+    block's business: they apply once to the merged result (`sinks.add_sinks`)."""
     if backend == "triton":
         from lsts.kernels.attention import triton as triton_attention  # imports triton only when used
 
-        return triton_attention.attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset, docs)
+        return triton_attention.attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset, docs, softcap)
     if backend == "torch":
-        if _fused_cpu(span, q, k, q_offset, k_offset, docs):
+        if not softcap and _fused_cpu(span, q, k, q_offset, k_offset, docs):
             return cpu.attention_fwd(q, k, v, softmax_scale, span.causal)
-        return cpu.span_attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset, docs)
+        return cpu.span_attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset, docs, softcap)
     mask = _reference_mask(span, q, k, q_offset, k_offset, docs)
-    return reference.attention_fwd(q, k, v, softmax_scale, mask=mask)
+    return reference.attention_fwd(q, k, v, softmax_scale, mask=mask, softcap=softcap)
 
 
 def attention_bwd(
-    dout, q, k, v, out, lse, softmax_scale: float, span: Span, backend: str, q_offset=0, k_offset=0, docs=None
-):
+    dout, q, k, v, out, lse, softmax_scale: float, span: Span, backend: str, q_offset=0, k_offset=0, docs=None,
+    softcap: float = 0.0,
+):  # fmt: skip
     """Backward of one block given the queries' *global* ``out`` and ``lse``: ``(dq, dk, dv)``."""
     if backend == "triton":
         from lsts.kernels.attention import triton as triton_attention
 
-        return triton_attention.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs)
+        return triton_attention.attention_bwd(
+            dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs, softcap
+        )
     if backend == "torch":
-        if _fused_cpu(span, q, k, q_offset, k_offset, docs):
+        if not softcap and _fused_cpu(span, q, k, q_offset, k_offset, docs):
             return cpu.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span.causal)
-        return cpu.span_attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs)
+        return cpu.span_attention_bwd(dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs, softcap)
     mask = _reference_mask(span, q, k, q_offset, k_offset, docs)
-    return reference.attention_bwd(dout, q, k, v, out, lse, softmax_scale, mask=mask)
+    return reference.attention_bwd(dout, q, k, v, out, lse, softmax_scale, mask=mask, softcap=softcap)
 
 
 def _reference_mask(span: Span, q, k, q_offset: int, k_offset: int, docs: Documents | None) -> torch.Tensor | None:
@@ -112,18 +123,21 @@ def _reference_mask(span: Span, q, k, q_offset: int, k_offset: int, docs: Docume
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, span, backend, q_offset, k_offset, docs):
-        out, lse = attention_fwd(q, k, v, softmax_scale, span, backend, q_offset, k_offset, docs)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (softmax_scale, span, backend, q_offset, k_offset, docs)
+    def forward(ctx, q, k, v, sinks, softmax_scale, span, backend, q_offset, k_offset, docs, softcap):
+        out, lse = attention_fwd(q, k, v, softmax_scale, span, backend, q_offset, k_offset, docs, softcap)
+        if sinks is not None:
+            out, lse = add_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.args = (softmax_scale, span, backend, q_offset, k_offset, docs, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, *ctx.args)  # exact with the sink-applied out, lse
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        return dq, dk, dv, dsinks, *[None] * 7
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -165,15 +179,21 @@ def attention(
     ``cu_seqlens`` (varlen): boundaries ``[0, ..., N]`` of documents packed in the *global*
     sequence (or a prepared `Documents`); attention then stays inside each document. Every row of
     the batch shares them (pack one sequence per row, or use batch 1). A query with no visible key
-    gets ``out = 0`` and ``lse = -inf``."""
-    if softcap or sinks is not None:
-        raise ValueError("softcap / sinks: not implemented yet")
+    gets ``out = 0`` and ``lse = -inf``.
+
+    ``softcap`` > 0 (Gemma2's ``attn_logit_softcapping``): the score of query i and key j is
+    ``softcap * tanh(scale * q_i·k_j / softcap)``, then masked. ``sinks [H]`` (gpt-oss; one logit per
+    query head, any float dtype, may require grad): each head's softmax gets one more key with that
+    logit and a zero value; ``lse`` includes it, a query with no visible key gets ``out = 0`` and
+    ``lse = sink``, and ``sinks`` gets its gradient (`sinks` module)."""
     check_qkv(q, k, v)
+    check_softcap_sinks(q, softcap, sinks)
     span = span if span is not None else (CAUSAL if causal else FULL)
     backend = resolve_backend(backend, q.device)
     scale = default_scale(q.shape[-1], softmax_scale)
     docs = as_documents(cu_seqlens, q.device, q_offset + q.shape[1], k_offset + k.shape[1])
-    return _LocalAttention.apply(q, k, v, scale, span, backend, int(q_offset), int(k_offset), docs)
+    offsets = (int(q_offset), int(k_offset))
+    return _LocalAttention.apply(q, k, v, sinks, scale, span, backend, *offsets, docs, float(softcap))
 
 
 def as_documents(cu_seqlens, device, *extents: int) -> Documents | None:

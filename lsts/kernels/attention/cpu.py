@@ -9,13 +9,16 @@ accepts an external ``out`` and ``lse``, which makes it an exact key-partition b
 Spans other than full and aligned causal run blockwise (`span_attention_fwd`): every chunk of queries
 attends only to the keys its span can reach, with an additive mask (the op rejects boolean masks),
 so window and group spans stay linear in N. Packed documents (`documents.Documents`) take the
-same path: each chunk reads only the keys of its queries' documents.
+same path: each chunk reads only the keys of its queries' documents. So does logit softcapping,
+which the fused op cannot do: each chunk's capped scores are materialized (`reference`), chunk by
+chunk, so memory stays linear in N for every span.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lsts.kernels.attention import reference
 from lsts.kernels.attention.spans import Span
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -118,10 +121,35 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
 
 
-def span_attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int, k_offset: int, docs=None, chunk=256):
+def _chunk_fwd(qc, kc, vc, keep, softmax_scale: float, softcap: float):
+    """``(out [B, c, h, D], lse [B, h, c])`` of one work item. The fused op has no softcap: capped
+    scores take the materialized path on the chunk (its scores only, so memory stays linear in N)."""
+    if softcap:
+        return reference.attention_fwd(qc, kc, vc, softmax_scale, mask=keep, softcap=softcap)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731 - BSHD <-> BHSD view
+    o, lse = _fwd(t(qc), t(kc), t(vc), 0.0, False, attn_mask=_additive(keep, qc.dtype), scale=softmax_scale)
+    return t(o), lse
+
+
+def _chunk_bwd(dout, q, k, v, out, lse, keep, softmax_scale: float, softcap: float):
+    """``(dq, dk, dv)`` of one work item (dk, dv per gathered K/V head)."""
+    if softcap:  # in the accumulation dtype, so that the chunks' dK/dV are summed before rounding
+        acc = lse.dtype
+        inputs = (x.to(acc) for x in (dout, q, k, v, out))
+        return reference.attention_bwd(*inputs, lse, softmax_scale, mask=keep, softcap=softcap)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    g = _bwd(t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), 0.0, False, attn_mask=_additive(keep, q.dtype),
+             scale=softmax_scale)  # fmt: skip
+    return t(g[0]), t(g[1]), t(g[2])
+
+
+def span_attention_fwd(
+    q, k, v, softmax_scale: float, span: Span, q_offset: int, k_offset: int, docs=None, softcap=0.0, chunk=256
+):
     """``(out, lse)`` of span attention, linear in N for window and group spans: each chunk of
-    ``chunk`` queries runs the fused kernel on the keys its span reaches, with an additive mask.
-    Rows that see no key get ``out = 0`` and ``lse = -inf``."""
+    ``chunk`` queries runs the fused kernel on the keys its span reaches, with an additive mask
+    (or, with ``softcap``, the capped scores of that chunk materialized). Rows that see no key get
+    ``out = 0`` and ``lse = -inf``."""
     b, sq, h, _ = q.shape
     out = torch.zeros_like(q)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
@@ -129,19 +157,17 @@ def span_attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int,
         span, sq, k.shape[1], h, k.shape[2], q_offset, k_offset, chunk, docs
     ):
         kc, vc = _gather_keys(k, keys, kv_heads), _gather_keys(v, keys, kv_heads)
-        t = lambda x: x.transpose(1, 2)  # noqa: E731 - BSHD <-> BHSD view
-        o, l = _fwd(
-            t(q[:, qs, heads]), t(kc), t(vc), 0.0, False, attn_mask=_additive(keep, q.dtype), scale=softmax_scale
-        )
+        o, l = _chunk_fwd(q[:, qs, heads], kc, vc, keep, softmax_scale, softcap)
         seen = keep.any(-1)
-        out[:, qs, heads] = t(o)
+        out[:, qs, heads] = o
         lse[:, heads, qs] = l.masked_fill(~seen, float("-inf"))
     return out, lse
 
 
 def span_attention_bwd(
-    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset: int, k_offset: int, docs=None, chunk=256
-):
+    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset: int, k_offset: int, docs=None, softcap=0.0,
+    chunk=256,
+):  # fmt: skip
     """Gradients of `span_attention_fwd` (``out`` and ``lse`` are global for the queries)."""
     h = q.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -151,21 +177,9 @@ def span_attention_bwd(
         span, q.shape[1], k.shape[1], h, k.shape[2], q_offset, k_offset, chunk, docs
     ):
         kc, vc = _gather_keys(k, keys, kv_heads), _gather_keys(v, keys, kv_heads)
-        t = lambda x: x.transpose(1, 2)  # noqa: E731
-        mask = _additive(keep, q.dtype)
-        q_part = [t(x[:, qs, heads]) for x in (dout, q)]
-        g = _bwd(
-            *q_part,
-            t(kc),
-            t(vc),
-            t(out[:, qs, heads]),
-            lse[:, heads, qs].contiguous(),
-            0.0,
-            False,
-            attn_mask=mask,
-            scale=softmax_scale,
-        )
-        dq[:, qs, heads] = t(g[0])
-        _scatter_keys(dk, t(g[1]), keys, kv_heads)
-        _scatter_keys(dv, t(g[2]), keys, kv_heads)
+        rows = (x[:, qs, heads] for x in (dout, q))
+        g = _chunk_bwd(*rows, kc, vc, out[:, qs, heads], lse[:, heads, qs], keep, softmax_scale, softcap)
+        dq[:, qs, heads] = g[0]
+        _scatter_keys(dk, g[1], keys, kv_heads)
+        _scatter_keys(dv, g[2], keys, kv_heads)
     return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -26,10 +26,13 @@ def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()
 
 
-def _scores(q, k, softmax_scale, causal, mask):
-    """Scaled scores [B, H, Sq, Sk] with masked entries at -inf."""
+def _scores(q, k, softmax_scale, causal, mask, softcap=0.0):
+    """Scaled (then, with ``softcap``, capped: ``softcap * tanh(s / softcap)``) scores [B, H, Sq, Sk]
+    with masked entries at -inf."""
     k = _expand_kv(k, q.shape[2])
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if causal:
         mask = (
             causal_mask(q.shape[1], k.shape[1], q.device)
@@ -48,12 +51,13 @@ def attention_fwd(
     softmax_scale: float,
     causal: bool = False,
     mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out [B, Sq, H, D]`` (dtype of q) and ``lse [B, H, Sq]`` (float32, or float64 for
     float64 inputs). ``mask`` is a boolean [Sq, Sk] or [B, H, Sq, Sk] (True = keep); a fully masked
-    row gets ``out = 0`` and ``lse = -inf``."""
+    row gets ``out = 0`` and ``lse = -inf``. ``softcap`` > 0 caps the scaled scores (Gemma2)."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = _scores(q.to(acc), k.to(acc), softmax_scale, causal, mask)
+    s = _scores(q.to(acc), k.to(acc), softmax_scale, causal, mask, softcap)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(v.to(acc), q.shape[2]))
@@ -70,18 +74,22 @@ def attention_bwd(
     softmax_scale: float,
     causal: bool = False,
     mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the keys ``k, v`` (a subset of all keys is fine) given the global ``out`` and
-    ``lse`` of the queries: D = rowsum(dO * O), P = exp(S - lse), dS = P * (dO V^T - D)."""
+    ``lse`` of the queries: D = rowsum(dO * O), P = exp(S - lse), dS = P * (dO V^T - D), times
+    ``1 - tanh²`` under a ``softcap``."""
     acc = torch.promote_types(q.dtype, torch.float32)
     qa, ka, va, doa = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-    s = _scores(qa, ka, softmax_scale, causal, mask)
+    s = _scores(qa, ka, softmax_scale, causal, mask, softcap)
     p = torch.exp(s - lse.to(acc).masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
     p = p.masked_fill(torch.isinf(s), 0.0)
     delta = (doa * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Sq]
     v_full = _expand_kv(va, q.shape[2])
     dp = torch.einsum("bqhd,bkhd->bhqk", doa, v_full)
     ds = p * (dp - delta.unsqueeze(-1))
+    if softcap:  # s = c·tanh(x / c): ds/dx = 1 - tanh², 0 where masked (there ds is 0 and s is -inf)
+        ds = ds * (1 - (s / softcap) ** 2).masked_fill(torch.isinf(s), 0.0)
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, _expand_kv(ka, q.shape[2])) * softmax_scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, qa) * softmax_scale
     dv = torch.einsum("bhqk,bqhd->bkhd", p, doa)

@@ -9,7 +9,9 @@ a window or group span costs O(N·w), not O(N²).
 Masks are the predicate of `spans.Span` at global positions ``q_offset + i`` / ``k_offset + j``:
 causal (``j <= i``), window (``i - j < WINDOW``), group (``(i+s)//GROUP == (j+s)//GROUP`` with the
 shift ``s = GROUP/2`` on the heads from ``SHIFT_FROM`` on, by default the second half, when
-``SHIFT_HEADS``) or a sink (``j < N_SINK``). Layout ``[B, S, H, D]`` with the last dim
+``SHIFT_HEADS``) or a sink (``j < N_SINK``). ``SOFTCAP`` > 0 caps the scaled scores,
+``SOFTCAP·tanh(s / SOFTCAP)`` (Gemma2), and multiplies dS by ``1 - tanh²`` in the backward; it is a
+constexpr, so the uncapped kernels are the same code as without it. Layout ``[B, S, H, D]`` with the last dim
 contiguous; GQA maps query head h to K/V head ``h // (H / H_kv)``. Accumulation in fp32; ``lse``
 is fp32 ``[B, H, Sq]`` (natural log).
 
@@ -102,6 +104,21 @@ def _key_bounds(
 
 
 @triton.jit
+def _scores(b_qk, qk_scale, SOFTCAP: tl.constexpr):
+    """Base-2 scores from ``q·k`` (``qk_scale = scale·log2 e``) and, with SOFTCAP, the tanh of the
+    cap, ``s = SOFTCAP·tanh(scale·q·k / SOFTCAP)``, that the backward's ``1 - tanh²`` needs (without
+    SOFTCAP the second value is unused and compiled away)."""
+    b_s = b_qk * qk_scale
+    b_t = b_qk
+    if SOFTCAP > 0:
+        # tanh(x) = 1 - 2 / (e^{2x} + 1): saturates to ±1 without overflow (Triton has no tanh).
+        b_x2 = b_qk * (qk_scale * 2 / SOFTCAP)  # 2x in base 2: 2·scale·q·k·log2(e) / SOFTCAP
+        b_t = 1 - 2 / (tl.exp2(b_x2) + 1)
+        b_s = b_t * (SOFTCAP * 1.4426950408889634)
+    return b_s, b_t
+
+
+@triton.jit
 def _fwd_block(
     b_acc,
     b_m,
@@ -127,6 +144,7 @@ def _fwd_block(
     GROUP: tl.constexpr,
     N_SINK: tl.constexpr,
     DOCS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One key block of the online softmax (base 2)."""
     offs_k = start + offs_n
@@ -138,7 +156,7 @@ def _fwd_block(
     b_v = tl.load(
         p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0
     )
-    b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+    b_s, _ = _scores(tl.dot(b_q, tl.trans(b_k)), qk_scale, SOFTCAP)  # [BLOCK_M, BLOCK_N]
     keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS) & m_k[None, :]
     b_s = tl.where(keep, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -197,7 +215,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_os, stride_oh,
     SQ, SK, H, GQA, q_offset, k_offset, qk_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
-    DOCS: tl.constexpr,
+    DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh, i_b, i_h, i_hk, shift, offs_m, offs_n, offs_d = _query_program(
@@ -225,7 +243,7 @@ def _attn_fwd_kernel(
         start = tl.where(i_blk < n_sink_blocks, i_blk * BLOCK_N, lo + (i_blk - n_sink_blocks) * BLOCK_N)
         b_acc, b_m, b_l = _fwd_block(
             b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, doc_lo, doc_hi, offs_n, offs_d, start,
-            shift, k_offset, SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK, DOCS,
+            shift, k_offset, SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP,
         )  # fmt: skip
 
     seen = b_l > 0
@@ -244,7 +262,7 @@ def _attn_bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
-    DOCS: tl.constexpr,
+    DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale · Σ_j dS_ij K_j with dS = P ∘ (dO Vᵀ − D); Q, dO, dQ share strides (contiguous)."""
@@ -276,9 +294,12 @@ def _attn_bwd_dq_kernel(
         b_v = tl.load(p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_kd, other=0.0)
         keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS)
         keep = keep & m_k[None, :] & m_m[:, None]
-        b_p = tl.where(keep, tl.exp2(tl.dot(b_q, tl.trans(b_k)) * qk_scale - b_lse2[:, None]), 0.0)
+        b_s, b_t = _scores(tl.dot(b_q, tl.trans(b_k)), qk_scale, SOFTCAP)
+        b_p = tl.where(keep, tl.exp2(b_s - b_lse2[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v))
         b_ds = b_p * (b_dp - b_delta[:, None])
+        if SOFTCAP > 0:  # through the cap: d(c·tanh(x/c))/dx = 1 - tanh²
+            b_ds = b_ds * (1 - b_t * b_t)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     tl.store(DQ + q_rows, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
@@ -323,7 +344,7 @@ def _attn_bwd_dkv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
-    DOCS: tl.constexpr,
+    DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dV = Σ_i Pᵀ dO and dK = scale · Σ_i dSᵀ Q over the GQA group of query heads of this K/V head.
@@ -386,10 +407,13 @@ def _attn_bwd_dkv_kernel(
                 & m_q[None, :]
                 & m_n[:, None]
             )
-            b_pt = tl.where(keep, tl.exp2(tl.dot(b_k, tl.trans(b_q)) * qk_scale - b_lse2[None, :]), 0.0)
+            b_st, b_tt = _scores(tl.dot(b_k, tl.trans(b_q)), qk_scale, SOFTCAP)
+            b_pt = tl.where(keep, tl.exp2(b_st - b_lse2[None, :]), 0.0)
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
             b_dpt = tl.dot(b_v, tl.trans(b_do))
             b_dst = b_pt * (b_dpt - b_delta[None, :])
+            if SOFTCAP > 0:
+                b_dst = b_dst * (1 - b_tt * b_tt)
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
     rows = (
         i_b.to(tl.int64) * stride_dkb + i_hk * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks + offs_d[None, :]
@@ -418,7 +442,9 @@ def _blocks(head_dim: int, device: torch.device) -> dict:
     return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
 
 
-def attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0, docs=None):
+def attention_fwd(
+    q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0, docs=None, softcap: float = 0.0
+):
     """``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` (last dim contiguous) -> ``(out, lse)``."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     b, sq, h, d = q.shape
@@ -431,12 +457,14 @@ def attention_fwd(q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, 
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, HEAD_DIM=d, **_span_args(span, docs, h),
-        **blocks,
+        SOFTCAP=float(softcap), **blocks,
     )  # fmt: skip
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset=0, k_offset=0, docs=None):
+def attention_bwd(
+    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset=0, k_offset=0, docs=None, softcap: float = 0.0
+):
     """Gradients ``(dq, dk, dv)`` given the queries' global ``out`` and ``lse``."""
     q, k, v = (x.contiguous() for x in (q, k, v))
     dout = dout.contiguous()
@@ -447,7 +475,7 @@ def attention_bwd(dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_o
     dq = torch.full_like(q, float("nan"))
     dk = torch.full(k.shape, float("nan"), dtype=torch.float32, device=k.device)
     dv = torch.full(v.shape, float("nan"), dtype=torch.float32, device=v.device)
-    blocks, spans = _blocks(d, q.device), _span_args(span, docs, h)
+    blocks, spans = _blocks(d, q.device), {**_span_args(span, docs, h), "SOFTCAP": float(softcap)}
     common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, softmax_scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     _attn_bwd_dq_kernel[(triton.cdiv(sq, blocks["BLOCK_M"]), b * h)](
