@@ -13,11 +13,7 @@ import pytest
 import lsts.models.hf
 from tests.hf_models import TINY_ARCHS, parity_errors
 
-NEEDS_KERNELS = {"gemma2", "gpt_oss"}  # logit softcapping / learnable sinks: the kernels take them next
-ARCHS = [
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason="softcap / sinks kernels")) if a in NEEDS_KERNELS else a
-    for a in sorted(TINY_ARCHS)
-]
+ARCHS = sorted(TINY_ARCHS)
 TOL = 1e-5
 
 
@@ -30,7 +26,8 @@ def test_logits_and_every_gradient_equal_eager(arch, mode):
 
 
 def test_packed_rows_are_what_eager_makes_of_them():
-    """The packed oracle above runs each document alone; eager on the packed row agrees."""
+    """The packed oracle above runs each document alone; eager on the packed row agrees where it
+    packs (no cache; with a cache it does not, while lsts, like FlashAttention, still does)."""
     import copy
 
     import torch
@@ -44,9 +41,9 @@ def test_packed_rows_are_what_eager_makes_of_them():
     tokens = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(3))
     positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
     with torch.no_grad():
-        for use_cache in (False, True):  # with a cache transformers does not pack: neither does lsts
-            got = ours(tokens, position_ids=positions, use_cache=use_cache).logits
-            assert rel_err(got, ref(tokens, position_ids=positions, use_cache=use_cache).logits) < TOL
+        got = ours(tokens, position_ids=positions, use_cache=False).logits
+        assert rel_err(got, ref(tokens, position_ids=positions, use_cache=False).logits) < TOL
+        assert rel_err(ours(tokens, position_ids=positions, use_cache=True).logits, got) < TOL
 
 
 def test_a_model_off_the_interface_is_a_clear_error():

@@ -141,12 +141,6 @@ def compose_spans(model: Span, user: Span | None, where: str = "") -> Span:
 # Batches: padding and packed documents
 
 
-def _runs(values: torch.Tensor) -> list[int]:
-    """``cu_seqlens`` of the runs of equal values in a 1-D tensor."""
-    change = (values[1:] != values[:-1]).nonzero().flatten() + 1
-    return [0, *change.tolist(), values.numel()]
-
-
 def segment_ids(batch: int, length: int, mask_function, padding, device) -> torch.Tensor | None:
     """``[B, N]`` int32 ids of a prefill's segments: 0 for padding, 1, 2, ... for the runs of tokens
     that attend only among themselves, or None for one plain sequence per row.
@@ -170,13 +164,22 @@ def segment_ids(batch: int, length: int, mask_function, padding, device) -> torc
     return ids
 
 
-def row_documents(segments: torch.Tensor | None) -> list[list[int]] | None:
-    """``cu_seqlens`` per batch row from `segment_ids` (None: one plain sequence per row)."""
-    if segments is None:
+def row_documents(segments: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, length: int):
+    """``cu_seqlens`` per batch row of a prefill (None: one plain sequence per row): the runs of
+    `segment_ids`, also cut where ``position_ids`` restart. FlashAttention packs on restarting
+    positions whatever the model passes its mask; so does lsts, also for models whose mask ignores
+    them (gpt-oss) and for a forward with a cache."""
+    if segments is not None and tuple(segments.shape) != (batch, length):
+        raise ValueError(f"lsts prefill expects [batch, seq] segment ids from its mask, got {tuple(segments.shape)}")
+    cuts = torch.zeros(batch, length, dtype=torch.bool)
+    if segments is not None:
+        cuts[:, 1:] |= (segments[:, 1:] != segments[:, :-1]).cpu()
+    if position_ids is not None and position_ids.shape[-1] == length:
+        positions = position_ids.expand(batch, length)
+        cuts[:, 1:] |= (positions[:, 1:] != positions[:, :-1] + 1).cpu()
+    if not cuts.any():
         return None
-    if segments.dim() != 2:
-        raise ValueError(f"lsts prefill expects the [batch, seq] segment ids of its mask, got {tuple(segments.shape)}")
-    return [_runs(row) for row in segments]
+    return [[0, *row.nonzero().flatten().tolist(), length] for row in cuts]
 
 
 def _check_flash_kwargs(kwargs: dict, docs: list[list[int]] | None, length: int) -> None:
@@ -312,7 +315,7 @@ def lsts_attention_forward(
             raise ValueError("cu_seq_lens_q where the attention context sets the documents: drop it from the inputs")
         out = attention(q, k, v, span, ctx, scale, softcap=softcap, sinks=sinks)
     else:
-        docs = row_documents(attention_mask)
+        docs = row_documents(attention_mask, kwargs.get("position_ids"), q.shape[0], q.shape[1])
         _check_flash_kwargs(kwargs, docs, q.shape[1])
         if docs is None:
             out = attention(q, k, v, span, ctx, scale, softcap=softcap, sinks=sinks)
