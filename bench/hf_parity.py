@@ -15,8 +15,8 @@ from pathlib import Path
 # The repository root instead of bench/ (whose kernels.py would shadow the `kernels` package).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import lsts.models.hf  # registers attn_implementation="lsts"
-from tests.hf_models import TINY_ARCHS, parity_errors
+import lsts.models.hf  # noqa: E402  (registers attn_implementation="lsts")
+from tests.hf_models import TINY_ARCHS, parity_errors  # noqa: E402
 
 MODES = ("plain", "left_padded", "packed")
 
