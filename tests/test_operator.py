@@ -92,6 +92,14 @@ def test_help_lists_choices_defaults_and_sections():
 # ---- one error line per mistake -----------------------------------------------------------------
 
 
+def test_each_bad_config_value_is_its_own_line(tmp_path):
+    result = launch("train.py", ["--steps=0", "--optim.lr=0"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert error_lines(result.stderr) == ["error: optim.lr (0.0) must be > 0", "error: train.steps (0) must be >= 1"]
+    typo = launch("train.py", ["--model.dimm=64"], tmp_path)
+    assert_one_clean_error(typo, "unknown option '--model.dimm'", "did you mean '--model.dim'")
+
+
 def test_degrees_that_do_not_fit_the_world_are_named_on_two_ranks(tmp_path):
     result = launch("train.py", [*TINY, "--parallel.tp=3", "--model.n_heads=6", "--model.dim=48"], tmp_path, ranks=2)
     assert_one_clean_error(result, "3 ranks do not fit a world of 2", "parallel.tp=3")
@@ -147,26 +155,19 @@ def test_debug_shows_the_traceback(not_decoders):
 
 def test_a_run_logs_resumes_only_what_is_complete_and_leaves_no_temp_dir(tmp_path):
     out = tmp_path / "run"
-    first = launch("train.py", [*TINY, "--steps=2", f"--out={out}"], tmp_path)
+    ckpt = out / "checkpoints"
+    first = launch("train.py", [*TINY, "--steps=2", f"--out={out}", "--resume=auto"], tmp_path)
     assert first.returncode == 0, first.stderr
     log = first.stderr
-    assert f"output directory {out}" in log and "starting at step 0" in log
+    assert f"output directory {out}" in log and "starting at step 0 (--resume=auto: no complete checkpoint" in log
     assert "step 2/2 | loss " in log and " tok/s | mem " in log and " | grad norm " in log and " | ETA " in log
-    assert f"checkpoint step 2 saved to {out / 'checkpoints' / 'step-000002'}" in log
+    assert f"checkpoint step 2 saved to {ckpt / 'step-000002'}" in log
     assert "\r" not in log  # no progress bar in a file
     assert list((tmp_path / "tmpdir").glob("lsts-*")) == []  # no rendezvous directory left behind
 
-    (out / "checkpoints" / "step-000002" / "COMPLETE.json").unlink()  # as if the save had been interrupted
-    refused = launch("train.py", [*TINY, "--steps=4", f"--out={out}", "--resume"], tmp_path)
-    assert_one_clean_error(refused, "no complete checkpoint", "step-000002 (incomplete: no COMPLETE.json)")
-
-    fresh = launch("train.py", [*TINY, "--steps=2", f"--out={out}", "--resume=auto"], tmp_path)
-    assert fresh.returncode == 0, fresh.stderr
-    assert "starting at step 0 (--resume=auto: no complete checkpoint" in fresh.stderr
-
     longer = launch("train.py", [*TINY, "--steps=4", f"--out={out}", "--resume"], tmp_path)
     assert longer.returncode == 0, longer.stderr
-    assert f"resuming from {out / 'checkpoints' / 'step-000002'}" in longer.stderr
+    assert f"resuming from {ckpt / 'step-000002'}" in longer.stderr
     [warning] = [line for line in longer.stderr.splitlines() if "warning:" in line]
     assert "train.steps 2 -> 4" in warning
     [step3] = [line for line in longer.stderr.splitlines() if "step 3/4 | " in line]
@@ -174,3 +175,15 @@ def test_a_run_logs_resumes_only_what_is_complete_and_leaves_no_temp_dir(tmp_pat
     # The warning's learning rate of step 3 is the one that step ran (and logged) at.
     predicted = float(re.search(r"becomes (\S+) at step 3", warning).group(1))
     assert float(re.search(r"\| lr (\S+) \|", step3).group(1)) == pytest.approx(predicted, rel=1e-3)
+
+    markers = {step: (ckpt / step / "COMPLETE.json").read_bytes() for step in ("step-000002", "step-000004")}
+    for step in markers:  # as if both saves had been interrupted
+        (ckpt / step / "COMPLETE.json").unlink()
+    refused = launch("train.py", [*TINY, "--steps=5", f"--out={out}", "--resume"], tmp_path)
+    assert_one_clean_error(refused, "no complete checkpoint", "step-000004 (incomplete: no COMPLETE.json)")
+
+    (ckpt / "step-000004" / "COMPLETE.json").write_bytes(markers["step-000004"])
+    shard = next((ckpt / "step-000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    corrupt = launch("train.py", [*TINY, "--steps=5", f"--out={out}", "--resume"], tmp_path)
+    assert_one_clean_error(corrupt, "step-000004 is corrupt", shard.name)
