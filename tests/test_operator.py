@@ -145,9 +145,45 @@ def test_a_model_lsts_cannot_run_is_refused_before_its_weights(not_decoders, mod
     assert message in line and "decoder-only causal LM on transformers' AttentionInterface" in line
 
 
+def test_a_decoder_off_the_attention_interface_is_refused(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lsts.finetune.base import load_base_config
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    assert load_base_config(str(tmp_path)).model_type == "llama"
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)  # as an older modeling file
+    with pytest.raises(ValueError, match="LlamaForCausalLM does not dispatch its attention through transformers'"):
+        load_base_config(str(tmp_path))
+
+
 def test_debug_shows_the_traceback(not_decoders):
     with pytest.raises(ValueError, match="is an encoder"):
         _launcher("finetune").main([f"--model={not_decoders / 'bert'}", "--debug"])
+
+
+def test_only_the_notices_a_user_cannot_act_on_are_filtered():
+    import logging
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lsts.cli import quiet_third_party
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=8))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        assert model.is_gradient_checkpointing is False  # the deprecated alias that peft probes
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["another deprecation"]
+    deepspeed = logging.getLogger("DeepSpeed")
+
+    def record(message):
+        return logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not deepspeed.filter(record("Setting accelerator to CPU. If you have GPU or other accelerator, ..."))
+    assert deepspeed.filter(record("Setting ds_accelerator to cpu (auto detect)"))
 
 
 # ---- logging, resume, leftovers -----------------------------------------------------------------
