@@ -11,8 +11,9 @@ Each field's one-line help is its comment, kept as field metadata so that the sa
 the code, ``--help`` and the saved ``config.yaml``.
 
 Limits: ``"auto"`` values (device, dtype, backends) are carried as they are and resolved by the
-trainer, which knows the hardware; checks that need the world size (degrees multiplying to it) live
-with the device mesh. Everything here is pure Python: no torch import, so ``--help`` is instant.
+trainer, which knows the hardware. Whether the parallel degrees fit the world is checked here when
+the caller knows its size (a launcher passes torchrun's ``WORLD_SIZE``), else when the device mesh
+is built. Everything here is pure Python: no torch import, so ``--help`` is instant.
 """
 
 # ruff: noqa: RUF009  # `_f` is `dataclasses.field` with help metadata: its result is not a shared default
