@@ -497,7 +497,7 @@ def build_parser(
     """The argparse parser of `load_config`: one option per field of ``cls``, grouped by section."""
     shorthands = SHORTHANDS if shorthands is None else shorthands
     parser = argparse.ArgumentParser(
-        usage="%(prog)s [--config FILE.yaml] [--section.field=value ...] [shorthands] [--print-config]",
+        usage="%(prog)s [--config FILE.yaml] [--section.field=value ...] [shorthands] [--print-config] [--debug]",
         description=description or "lsts: distributed long-sequence training",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
