@@ -110,7 +110,9 @@ def evaluate(args) -> dict | None:
     model = CausalLMLoss(hf, backend="auto")
 
     tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, args.model))
+    log.info("reading and tokenizing the evaluation text (%s)", args.data)
     corpus = load_corpus(args.data, tokenizer)
+    log.info("%d tokens; evaluating the last %d", len(corpus.tokens), min(args.eval_tokens, len(corpus.tokens)))
     stream = torch.from_numpy(corpus.tokens[-args.eval_tokens :].astype("int64"))
 
     ppl, trials = _measure(model, tokenizer, stream, ctx, args, rank)
