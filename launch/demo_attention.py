@@ -3,7 +3,8 @@ it against single-process attention on the whole sequence, and time it.
 
     torchrun --nproc-per-node 2 launch/demo_attention.py [--seq-len 8192] [--heads 8] [--head-dim 64]
 
-Until the trainer lands this is the main job of the quick start. Runs on gloo (CPU) or nccl (CUDA).
+A check of the attention layer alone (the quick start trains with launch/train.py). Runs on gloo
+(CPU) or nccl (CUDA).
 """
 
 from __future__ import annotations
@@ -12,24 +13,10 @@ import argparse
 import os
 import time
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-
-from lsts.kernels.attention import attention
-from lsts.parallel import (
-    gather_sequence,
-    hybrid_attention,
-    init_process_group,
-    ring_attention,
-    rsa_attention,
-    shard_sequence,
-    ulysses_attention,
-)
-
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     p.add_argument("--seq-len", type=int, default=8192, help="global sequence length (multiple of 2 x ranks)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8, help="query heads (a multiple of the ranks, for ulysses)")
@@ -39,8 +26,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run(name: str, fn, layout: str, full: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+def run(name: str, fn, layout: str, full: list, want: list) -> None:
     """Time one method forward + backward on this rank's shards and report parity on rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    from lsts.parallel import gather_sequence, shard_sequence
+
     q, k, v, dout = (shard_sequence(x, layout=layout) for x in full)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dist.barrier()
@@ -56,7 +48,14 @@ def run(name: str, fn, layout: str, full: list[torch.Tensor], want: list[torch.T
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args()  # --help ends here, before torch is imported
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lsts.kernels.attention import attention
+    from lsts.parallel import hybrid_attention, init_process_group, ring_attention, rsa_attention, ulysses_attention
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     init_process_group()
     try:

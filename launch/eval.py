@@ -7,15 +7,27 @@
 Full causal attention on lsts kernels; under torchrun every window is sequence-parallel over all
 ranks (ring, zigzag). ``--h2o HEAVY,RECENT[,ALPHA]`` also runs the passkey trials by greedy
 generation with an H2O / A2SF KV cache (one process), to see what the eviction keeps.
-Results: a markdown table on stdout and, with ``--out``, a JSON file.
+Results: a markdown table on stdout and, with ``--out``, a JSON file; progress (one line per length
+and task, longest length first) on stderr. A mistake is one ``error:`` line (``--debug``: its traceback).
 """
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from lsts.cli import run, setup_logging
+
+log = logging.getLogger("lsts.eval")
+BACKENDS = ("auto", "torch", "triton", "reference")  # = lsts.kernels.backend.BACKENDS
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
 
 
 def _ints(text: str) -> list[int]:
@@ -27,30 +39,34 @@ def _floats(text: str) -> list[float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF checkpoint directory (e.g. a fine-tuning run's merged/)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    model = "HF checkpoint directory (e.g. a fine-tuning run's merged/)"
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS, help=model)
     p.add_argument("--extend-to", type=int, default=0, help="apply linear RoPE interpolation for this length first")
-    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="context lengths, comma-separated")
+    p.add_argument("--lengths", type=_ints, default="1024,2048,4096,8192", help="context lengths, comma-separated")
     p.add_argument("--stride", type=int, default=256, help="a perplexity window starts every STRIDE tokens")
     p.add_argument("--max-windows", type=int, default=4, help="perplexity windows per length")
     p.add_argument("--data", default="stdlib", help="evaluation text: 'stdlib', a .txt/.jsonl path or HF dataset")
     p.add_argument("--eval-tokens", type=int, default=65536, help="take the last N tokens of the text")
     p.add_argument("--tokenizer", default="auto", help="'auto' (the checkpoint's, else bytes), 'byte' or a path")
     p.add_argument("--passkey-trials", type=int, default=4, help="random keys per (length, depth); 0 = skip")
-    p.add_argument("--depths", type=_floats, default=[0.0, 0.5, 1.0], help="relative depths of the key")
+    p.add_argument("--depths", type=_floats, default="0,0.5,1", help="relative depths of the key")
     p.add_argument("--h2o", default="", help="HEAVY,RECENT[,ALPHA]: also generate passkeys with an H2O cache")
-    p.add_argument("--backend", default="auto", help="attention kernels: auto, torch, triton, reference")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention kernels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
     p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        results = evaluate(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    run(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
+    args = parse_args(argv)  # --help ends here, before torch is imported
+    setup_logging()
+    results = evaluate(args)
     if results is not None and args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
@@ -63,7 +79,7 @@ def evaluate(args) -> dict | None:
     import torch.distributed as dist
 
     from lsts.attention import AttentionContext
-    from lsts.finetune.evaluate import passkey_by_length, perplexity_by_length
+    from lsts.finetune.base import load_base_config
     from lsts.finetune.recipes import load_extended
     from lsts.finetune.trainer import CausalLMLoss, resolve_tokenizer
     from lsts.models.hf import use_lsts_attention
@@ -82,6 +98,8 @@ def evaluate(args) -> dict | None:
 
     from transformers import AutoModelForCausalLM
 
+    load_base_config(args.model)  # a model lsts cannot run is refused before its weights are read
+    log.info("loading %s", args.model)
     if args.extend_to:
         hf = load_extended(args.model, args.extend_to)
     else:
@@ -92,11 +110,12 @@ def evaluate(args) -> dict | None:
     model = CausalLMLoss(hf, backend="auto")
 
     tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, args.model))
+    log.info("reading and tokenizing the evaluation text (%s)", args.data)
     corpus = load_corpus(args.data, tokenizer)
+    log.info("%d tokens; evaluating the last %d", len(corpus.tokens), min(args.eval_tokens, len(corpus.tokens)))
     stream = torch.from_numpy(corpus.tokens[-args.eval_tokens :].astype("int64"))
 
-    ppl = perplexity_by_length(model, stream, args.lengths, ctx, args.stride, args.max_windows)
-    trials = passkey_by_length(model, tokenizer, args.lengths, args.depths, args.passkey_trials, ctx, args.seed)
+    ppl, trials = _measure(model, tokenizer, stream, ctx, args, rank)
     results = {
         "model": args.model,
         "extend_to": args.extend_to,
@@ -110,6 +129,39 @@ def evaluate(args) -> dict | None:
     if dist.is_initialized():
         dist.destroy_process_group()
     return results if rank == 0 else None
+
+
+def _measure(model, tokenizer, stream, ctx, args, rank: int):
+    """Perplexity and teacher-forced passkey trials per length, as `perplexity_by_length` and
+    `passkey_by_length` compute them (the same keys), with a progress line per length and task.
+    The longest length goes first: a text too short for it fails before any other work."""
+    import random
+
+    from tqdm import tqdm
+
+    from lsts.finetune.evaluate import passkey_trial, perplexity_by_length
+
+    keys = random.Random(args.seed)  # drawn in passkey_by_length's order: length, depth, trial
+    plan = {n: [str(keys.randint(10000, 99999)) for _ in args.depths for _ in range(args.passkey_trials)]
+            for n in args.lengths}  # fmt: skip
+    ppl, trials = {}, []
+    tasks = len(args.lengths) * (1 + len(args.depths) * args.passkey_trials)
+    with tqdm(total=tasks, desc="eval", unit="task", disable=None if rank == 0 else True) as bar:
+        for n in sorted(args.lengths, reverse=True):
+            t0 = time.perf_counter()
+            ppl.update(perplexity_by_length(model, stream, [n], ctx, args.stride, args.max_windows))
+            bar.update()
+            log.info("length %d: perplexity %.3f (%.1f s)", n, ppl[n], time.perf_counter() - t0)
+            if not args.passkey_trials:
+                continue
+            t0 = time.perf_counter()
+            depths = [d for d in args.depths for _ in range(args.passkey_trials)]
+            for depth, key in zip(depths, plan[n]):
+                trials.append(passkey_trial(model, tokenizer, n, depth, key, ctx))
+                bar.update()
+            hits = sum(t.retrieved for t in trials if t.length == n)
+            log.info("length %d: passkey %d/%d retrieved (%.1f s)", n, hits, len(depths), time.perf_counter() - t0)
+    return ppl, trials
 
 
 def _passkey_summary(trials, lengths) -> dict:

@@ -5,7 +5,8 @@
 
 Writes X/metrics.jsonl, X/tb, X/checkpoints (resume with --resume) and X/merged, which plain
 ``AutoModelForCausalLM.from_pretrained`` loads and runs at the new length. Options: ``--help``; any
-config field is ``--section.field=value``.
+config field is ``--section.field=value``. A mistake is one ``error:`` line per failing check
+(``--debug`` shows its traceback).
 """
 
 import os
@@ -13,16 +14,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from lsts.cli import launch_world_size, run, setup_logging
 from lsts.finetune.config import load_finetune_config
-from lsts.finetune.trainer import finetune
+
+
+def _finetune(argv: list[str]) -> None:
+    cfg = load_finetune_config(argv, launch_world_size())  # --help and config mistakes end here, before torch
+    setup_logging(cfg.metrics.all_ranks)
+    from lsts.finetune.trainer import finetune
+
+    finetune(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = load_finetune_config(argv)
-        finetune(cfg)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    run(_finetune, argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ Each field's one-line help is its comment, kept as field metadata so that the sa
 the code, ``--help`` and the saved ``config.yaml``.
 
 Limits: ``"auto"`` values (device, dtype, backends) are carried as they are and resolved by the
-trainer, which knows the hardware; checks that need the world size (degrees multiplying to it) live
-with the device mesh. Everything here is pure Python: no torch import, so ``--help`` is instant.
+trainer, which knows the hardware. Whether the parallel degrees fit the world is checked here when
+the caller knows its size (a launcher passes torchrun's ``WORLD_SIZE``), else when the device mesh
+is built. Everything here is pure Python: no torch import, so ``--help`` is instant.
 """
 
 # ruff: noqa: RUF009  # `_f` is `dataclasses.field` with help metadata: its result is not a shared default
@@ -89,9 +90,12 @@ class ModelConfig:
         return [("causal", 0) if i in full else (self.span, self.span_size) for i in range(self.n_layers)]
 
 
+DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp_ring", "cp_ulysses")
+
+
 @dataclass
 class ParallelConfig:
-    """Parallel degrees and engines. Checked against the world size when the device mesh is built."""
+    """Parallel degrees and engines; a launcher checks that they fit its world size."""
 
     dp_replicate: int = _f(1, "data-parallel replicas (HSDP outer axis)")
     dp_shard: int = _f(1, "data-parallel shards (FSDP axis); -1 = whatever the other degrees leave")
@@ -123,17 +127,22 @@ class ParallelConfig:
 
     def resolved(self, world_size: int) -> ParallelConfig:
         """A copy with the one degree set to -1 (``dp_shard`` or ``cp_ring``) filled in for
-        ``world_size`` ranks; ValueError listing every factor when the degrees cannot multiply to it."""
+        ``world_size`` ranks; ValueError naming the degrees when they do not fit it."""
         fill = [n for n in ("dp_shard", "cp_ring") if getattr(self, n) == -1]
         others = self.dp_replicate * self.tp * self.pp * self.cp_ulysses
         others *= (self.cp_ring if "cp_ring" not in fill else 1) * (self.dp_shard if "dp_shard" not in fill else 1)
         value = world_size // others if fill else 1
         if len(fill) > 1 or value < 1 or others * (value if fill else 1) != world_size:
+            degrees = " × ".join(f"parallel.{n}={getattr(self, n)}" for n in DEGREES if getattr(self, n) != 1)
+            if others > world_size or world_size % others:
+                need = f"a multiple of {others}" if fill else str(others)
+                raise ValueError(
+                    f"{others} ranks do not fit a world of {world_size}: the degrees {degrees or '(all 1)'} need "
+                    f"{need} ranks; launch {need} ranks (torchrun --nproc-per-node) or change the degrees"
+                )
             raise ValueError(
-                f"parallel degrees dp_replicate={self.dp_replicate} × dp_shard={self.dp_shard} × tp={self.tp} × "
-                f"pp={self.pp} × cp_ring={self.cp_ring} × cp_ulysses={self.cp_ulysses} do not multiply to the "
-                f"world size {world_size}; launch a multiple of {others} ranks or change the degrees"
-                + ("" if fill else " (-1 in dp_shard or cp_ring fills the rest)")
+                f"the degrees {degrees or '(all 1)'} multiply to {others} ranks, not the world of {world_size}; set "
+                "parallel.dp_shard or parallel.cp_ring to -1 to fill it, or launch fewer ranks"
             )
         return replace(self, **{n: value for n in fill})
 
@@ -191,21 +200,30 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto = bf16 on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available")
     out: str = _f("runs/demo", "output directory: checkpoints, metrics, config.yaml")
-    resume: bool = _f(False, "continue from the latest checkpoint in out")
-    log_every: int = _f(1, "steps between log lines")
+    resume: Literal["false", "true", "auto"] = _f(
+        "false",
+        "true (= --resume): continue from the latest complete checkpoint in out, an error if there is none; "
+        "auto (= --resume=auto): continue from it if there is one, else start at step 0; false: start at step 0",
+    )
+    log_every: int = _f(1, "steps between log lines (and metrics.jsonl records)")
 
 
 @dataclass
 class CheckpointConfig:
+    """Atomic checkpoints under out/checkpoints/step-NNNNNN."""
+
     every: int = _f(5, "steps between checkpoints; 0 = only at the end")
     keep: int = _f(2, "most recent checkpoints kept; 0 = keep all")
 
 
 @dataclass
 class MetricsConfig:
+    """What a run reports: log lines, metrics.jsonl, TensorBoard, a progress bar."""
+
     tensorboard: bool = _f(True, "write TensorBoard events under out/tb")
     jsonl: bool = _f(True, "append one JSON line per logged step to out/metrics.jsonl")
-    progress_bar: bool = _f(True, "show a progress bar on rank 0")
+    progress_bar: bool = _f(True, "show a progress bar on rank 0 when stderr is a terminal")
+    all_ranks: bool = _f(False, "log from every rank (prefixed with its rank), not only rank 0")
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
@@ -221,6 +239,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if {"true", "false"} <= set(choices) and (value in (True, False) or str(value).lower() in _BOOLS):
+            value = str(_BOOLS[str(value).lower()]).lower()  # a boolean spelling of a tri-state: "true"/"false"
         if value not in choices:
             raise ValueError(f"{key}: {value!r} is not one of {list(choices)}{_suggest(str(value), choices)}")
         return value
@@ -254,6 +274,14 @@ def _at_least(section: str, obj: Any, minimum: float, *names: str) -> list[str]:
 
 def _positive(section: str, obj: Any, *names: str) -> list[str]:
     return [f"{section}.{n} ({getattr(obj, n)}) must be > 0" for n in names if not getattr(obj, n) > 0]
+
+
+class InvalidConfig(ValueError):
+    """Every bad value of a configuration at once: ``problems`` holds one line per failing check."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+        self.problems = list(problems)
 
 
 class Sections:
@@ -326,6 +354,19 @@ class Sections:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(self.to_yaml())
 
+    def world_errors(self, world_size: int | None) -> list[str]:
+        """Whether the parallel degrees fit ``world_size`` ranks (nothing to say when it is unknown,
+        or when a degree is invalid: `common_errors` names that)."""
+        p = self.parallel
+        degrees = [getattr(p, n) for n in DEGREES]
+        if world_size is None or any(d < 1 and d != -1 for d in degrees) or degrees.count(-1) > 1:
+            return []
+        try:
+            p.resolved(world_size)
+        except ValueError as e:
+            return [str(e)]
+        return []
+
     def common_errors(self) -> list[str]:
         """Bad values of the sections every job has (parallel, kernels, data, optim, train,
         checkpoint), each with its fix."""
@@ -366,11 +407,12 @@ class Sections:
             errors.append(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr})")
         return errors
 
-    def validate(self) -> None:
-        """ValueError listing every bad value and its fix. World-size checks happen at mesh build."""
-        errors = self.common_errors()
+    def validate(self, world_size: int | None = None) -> None:
+        """`InvalidConfig` listing every bad value and its fix; with ``world_size`` (known to a
+        launcher), the parallel degrees are checked against it too, else at mesh build."""
+        errors = self.world_errors(world_size) + self.common_errors()
         if errors:
-            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
+            raise InvalidConfig(errors)
 
 
 @dataclass
@@ -387,8 +429,8 @@ class Config(Sections):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
-    def validate(self) -> None:
-        """ValueError listing every bad value and its fix. World-size checks happen at mesh build."""
+    def validate(self, world_size: int | None = None) -> None:
+        """`InvalidConfig` listing every bad value and its fix (see `Sections.validate`)."""
         m = self.model
         errors = _at_least("model", m, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
         errors += _at_least("model", m, 0, "ffn_dim", "n_full", "span_size")
@@ -396,8 +438,10 @@ class Config(Sections):
         errors += self.common_errors()
         if not errors:  # the relations would divide by zero on the values rejected above
             errors = self._model_relations()
+        # First: the root cause when the degrees misfit the model too.
+        errors = self.world_errors(world_size) + errors
         if errors:
-            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
+            raise InvalidConfig(errors)
 
     def _model_relations(self) -> list[str]:
         """Checks between the model's fields and the parallel degrees."""
@@ -439,13 +483,31 @@ def _keys(cls: type[Sections]) -> list[str]:
     return [f"{f.name}.{sf.name}" for f in fields(cfg) for sf in fields(getattr(cfg, f.name))]
 
 
+def _metavar(tp: Any) -> str:
+    """How ``--help`` shows the values a field takes: its choices, or its kind."""
+    if typing.get_origin(tp) is Literal:
+        return "{" + ",".join(typing.get_args(tp)) + "}"
+    if typing.get_origin(tp) is tuple:
+        return ",".join(t.__name__.upper() for t in typing.get_args(tp))
+    return "{true,false}" if tp is bool else {int: "INT", float: "FLOAT", str: "TEXT"}[tp]
+
+
+def _shown(value: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "''"
+
+
 def build_parser(
     cls: type[Sections] = Config, shorthands: dict[str, str] | None = None, description: str | None = None
 ) -> argparse.ArgumentParser:
     """The argparse parser of `load_config`: one option per field of ``cls``, grouped by section."""
     shorthands = SHORTHANDS if shorthands is None else shorthands
     parser = argparse.ArgumentParser(
-        usage="%(prog)s [--config FILE.yaml] [--section.field=value ...] [shorthands] [--print-config]",
+        usage="%(prog)s [--config FILE.yaml] [--section.field=value ...] [shorthands] [--print-config] [--debug]",
         description=description or "lsts: distributed long-sequence training",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -453,19 +515,35 @@ def build_parser(
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same section/field nesting")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    given = {"default": argparse.SUPPRESS, "metavar": "V"}  # absent options stay absent: the file keeps its value
+    parser.add_argument("--debug", action="store_true", help="show the traceback of configuration and input errors")
+    absent = {"default": argparse.SUPPRESS}  # absent options stay absent: the file keeps its value
+    defaults = cls()
+    hints = {f.name: typing.get_type_hints(type(getattr(defaults, f.name))) for f in fields(defaults)}
     short = parser.add_argument_group("shorthands")
     for flag, key in shorthands.items():
-        short.add_argument(flag, dest=key, help=f"= --{key}", **given)
-    resume = "= --train.resume=true: continue from the latest checkpoint in train.out"
-    short.add_argument("--resume", dest="train.resume", action="store_const", const="true", help=resume, **given)
-    defaults = cls()
+        section, name = key.split(".")
+        short.add_argument(flag, dest=key, metavar=_metavar(hints[section][name]), help=f"= --{key}", **absent)
+    short.add_argument(
+        "--resume",
+        dest="train.resume",
+        nargs="?",
+        const="true",
+        metavar="auto",
+        help="= --train.resume=true: continue from the latest complete checkpoint in train.out (an error if there "
+        "is none); --resume=auto starts at step 0 when there is none",
+        **absent,
+    )
     for f in fields(defaults):
         section = getattr(defaults, f.name)
         group = parser.add_argument_group(f.name, type(section).__doc__)
         for sf in fields(section):
-            key, text = f"{f.name}.{sf.name}", f"{sf.metadata['help']} [{getattr(section, sf.name)}]"
-            group.add_argument(f"--{key}", dest=key, help=text, **given)
+            group.add_argument(
+                f"--{f.name}.{sf.name}",
+                dest=f"{f.name}.{sf.name}",
+                metavar=_metavar(hints[f.name][sf.name]),
+                help=f"{sf.metadata['help']} (default: {_shown(getattr(section, sf.name))})",
+                **absent,
+            )
     return parser
 
 
@@ -474,23 +552,25 @@ def load_config(
     cls: type[Sections] = Config,
     shorthands: dict[str, str] | None = None,
     description: str | None = None,
+    world_size: int | None = None,
 ):
-    """Defaults of ``cls`` < ``--config`` file < command-line overrides, validated. ``argv``
-    defaults to ``sys.argv[1:]``; ``shorthands`` (flag -> ``section.field``) to the training ones.
-    ``--print-config`` prints the YAML and raises ``SystemExit(0)``; ``--help`` too."""
+    """Defaults of ``cls`` < ``--config`` file < command-line overrides, validated (against
+    ``world_size`` ranks when given: a launcher knows it). ``argv`` defaults to ``sys.argv[1:]``;
+    ``shorthands`` (flag -> ``section.field``) to the training ones. ``--print-config`` prints the
+    YAML and raises ``SystemExit(0)``; ``--help`` too."""
     shorthands = SHORTHANDS if shorthands is None else shorthands
     parser = build_parser(cls, shorthands, description)
     args, rest = parser.parse_known_args(argv)
     if rest:
         bad = next((a for a in rest if a.startswith("-")), rest[0])
         name = bad.partition("=")[0]
-        options = ["--config", "--print-config", "--resume", *shorthands, *(f"--{k}" for k in _keys(cls))]
+        options = ["--config", "--print-config", "--debug", "--resume", *shorthands, *(f"--{k}" for k in _keys(cls))]
         raise ValueError(f"command line: unknown option {name!r}{_suggest(name, options)}; see --help")
     cfg = cls.from_yaml(args.config) if args.config else cls()
     for key, value in vars(args).items():
         if "." in key:
             cfg.set(key, value, source="command line")
-    cfg.validate()
+    cfg.validate(world_size)
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         raise SystemExit(0)

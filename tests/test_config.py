@@ -55,8 +55,9 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
 def test_override_forms_and_shorthands():
     cfg = load_config(["--seq-len", "131072", "--steps=3", "--out", "/tmp/x", "--resume", "--seed", "5"])
     assert (cfg.data.seq_len, cfg.train.steps, cfg.train.out, cfg.train.seed) == (131072, 3, "/tmp/x", 5)
-    assert cfg.train.resume is True
-    assert load_config([]).train.resume is False
+    assert cfg.train.resume == "true"
+    assert load_config([]).train.resume == "false"
+    assert load_config(["--resume=auto"]).train.resume == "auto"
     # A shorthand and its long form are one option: the last one given wins.
     assert load_config(["--seq-len=1024", "--data.seq_len=2048"]).data.seq_len == 2048
     assert load_config(["--parallel.dp_shard", "-1", "--parallel.dp_shard=2"]).parallel.dp_shard == 2
@@ -248,10 +249,21 @@ def test_parallel_helpers():
     assert demo.resolved(4).cp_ring == 4 and demo.resolved(4).dp_shard == 1
     with pytest.raises(ValueError, match="only one degree can fill"):
         load_config(["--parallel.dp_shard=-1"])
-    with pytest.raises(ValueError, match=r"dp_replicate=2 × dp_shard=-1 × tp=2 .* world size 12"):
+    with pytest.raises(ValueError, match=r"16 ranks do not fit a world of 12: the degrees parallel.dp_replicate=2 × "):
         p.dp_shard_for(12)
-    with pytest.raises(ValueError, match="world size 32"):
+    with pytest.raises(ValueError, match="3 ranks do not fit a world of 32"):
         ParallelConfig(dp_shard=3, cp_ring=1).dp_shard_for(32)
+    with pytest.raises(ValueError, match=r"multiply to 2 ranks, not the world of 4; set parallel\.dp_shard or"):
+        ParallelConfig(tp=2, cp_ring=1).resolved(4)
+
+
+def test_a_launcher_checks_the_degrees_against_its_world():
+    with pytest.raises(ValueError) as info:
+        load_config(["--parallel.tp=3"], world_size=2)
+    problems = info.value.problems  # one line per failing check: the world and the heads
+    assert any(p.startswith("3 ranks do not fit a world of 2") for p in problems), problems
+    assert any("model.n_heads (4) must be divisible by parallel.tp" in p for p in problems), problems
+    assert load_config(["--parallel.tp=2"], world_size=2).parallel.tp == 2
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe"])

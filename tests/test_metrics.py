@@ -2,7 +2,10 @@
 readable TensorBoard events, a progress bar; memory, peak FLOP/s and MFU helpers."""
 
 import json
+import logging
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -87,12 +90,24 @@ def test_tensorboard_events_are_readable(tmp_path):
     assert not (tmp_path / JSONL).exists()
 
 
-def test_progress_bar_shows_loss_and_throughput(tmp_path, capsys):
+def test_progress_bar_shows_loss_and_throughput_on_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     with MetricsLogger(tmp_path, 0, 4, tensorboard=False, jsonl=False, start_step=1) as logger:
         logger.log(2, loss=1.5, tokens_per_sec=2048.0)
         logger.log(4, loss=1.25, tokens_per_sec=4096.0)
     err = capsys.readouterr().err
     assert "4/4" in err and "loss=1.2500" in err and "tok/s=4,096" in err
+
+
+def test_each_logged_step_is_a_line_and_a_file_gets_no_bar(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="lsts.train.metrics")
+    with MetricsLogger(tmp_path, 0, 10, tensorboard=False, jsonl=False, start_step=2) as logger:
+        logger.log(3, loss=1.5, tokens_per_sec=2048.0, mem_gib=1.5, grad_norm=0.25, lr=3e-4)
+    assert "\r" not in capsys.readouterr().err  # stderr is not a terminal here: no bar
+    [line] = caplog.messages
+    head, eta = line.rsplit(" | ETA ", 1)
+    assert head == "step 3/10 | loss 1.5000 | 2,048 tok/s | mem 1.50 GiB | grad norm 0.25 | lr 3.00e-04"
+    assert re.fullmatch(r"\d+:\d\d:\d\d", eta)  # 7 more steps at the rate of the one since step 2
 
 
 def test_peak_memory_is_positive_on_cpu():

@@ -265,7 +265,7 @@ def test_resume_reshards_cp2_checkpoint_into_one_process(tmp_path):
 @pytest.mark.parametrize(
     "extra,match",
     [
-        pytest.param(["--parallel.cp_ring=3", "--seq-len=132"], "world size 2", id="world-mismatch"),
+        pytest.param(["--parallel.cp_ring=3", "--seq-len=132"], "do not fit a world of 2", id="world-mismatch"),
         pytest.param(["--parallel.cp_ring=2", "--seq-len=130"], "multiple of 4", id="seq-len"),
         pytest.param(
             ["--parallel.cp_ulysses=2", "--model.dim=24", "--model.n_heads=3", "--model.n_kv_heads=1"],

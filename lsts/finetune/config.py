@@ -14,6 +14,7 @@ from typing import Literal
 from lsts.config import (
     CheckpointConfig,
     DataConfig,
+    InvalidConfig,
     KernelsConfig,
     MetricsConfig,
     OptimConfig,
@@ -60,15 +61,17 @@ class FinetuneRunConfig(Sections):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
-    def validate(self) -> None:
+    def validate(self, world_size: int | None = None) -> None:
+        """`InvalidConfig` listing every bad value and its fix (see `lsts.config.Sections.validate`)."""
         f = self.finetune
-        errors = [] if f.model else ["finetune.model is empty; give --model <local HF directory or hub name>"]
+        errors = self.world_errors(world_size)
+        errors += [] if f.model else ["finetune.model is empty; give --model <local HF directory or hub name>"]
         errors += _at_least("finetune", f, 1, "lora_r", "lora_alpha") + _at_least("finetune", f, 0, "spt_dense_steps")
         errors += self.common_errors()
         if f.s2_variant == "roll" and f.method != "longlora":
             errors.append(f"finetune.s2_variant=roll is a LongLoRA ablation; method {f.method!r} has no S2 groups")
         if errors:
-            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
+            raise InvalidConfig(errors)
 
 
 SHORTHANDS = {
@@ -82,11 +85,12 @@ SHORTHANDS = {
 }
 
 
-def load_finetune_config(argv: list[str] | None = None) -> FinetuneRunConfig:
+def load_finetune_config(argv: list[str] | None = None, world_size: int | None = None) -> FinetuneRunConfig:
     """Defaults < ``--config`` < command line, validated (`lsts.config.load_config`)."""
     from lsts.config import load_config
 
-    return load_config(argv, FinetuneRunConfig, SHORTHANDS, "lsts: long-context fine-tuning of Hugging Face decoders")
+    description = "lsts: long-context fine-tuning of Hugging Face decoders"
+    return load_config(argv, FinetuneRunConfig, SHORTHANDS, description, world_size)
 
 
 __all__ = ["SHORTHANDS", "FinetuneConfig", "FinetuneRunConfig", "load_finetune_config"]

@@ -15,6 +15,7 @@ model there and saved with ``save_pretrained``, next to the tokenizer the run us
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +26,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from lsts.attention import AttentionContext
 from lsts.finetune import spt
+from lsts.finetune.base import load_base_config
 from lsts.finetune.config import FinetuneRunConfig
 from lsts.finetune.recipes import export_merged, load_extended, prepare, recipe
 from lsts.kernels.loss import linear_cross_entropy
@@ -38,6 +40,8 @@ from lsts.parallel.parallelize import check_supported
 from lsts.train import zero
 from lsts.train.data import IGNORE_INDEX
 from lsts.train.trainer import TorchUpdate, lr_lambda
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -103,13 +107,7 @@ class FinetuneJob:
 
     def __init__(self, cfg: FinetuneRunConfig) -> None:
         self.cfg = cfg
-        try:
-            self.hf_config = AutoConfig.from_pretrained(cfg.finetune.model)
-        except OSError as e:
-            raise ValueError(
-                f"finetune.model {cfg.finetune.model!r} is neither a local checkpoint directory nor a hub name "
-                f"in the local cache ({e.__class__.__name__}); save one with save_pretrained and pass its path"
-            ) from e
+        self.hf_config = load_base_config(cfg.finetune.model)  # refuses what lsts cannot run before any weight
         self.vocab_size = self.hf_config.vocab_size
         cfg.data.tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.finetune.model)
         if cfg.data.tokenizer == "byte" and self.vocab_size < 256:
@@ -143,8 +141,8 @@ class FinetuneJob:
         # SPT's sparse MHA picks keys anywhere in a query's prefix: it runs on whole sequences only
         # (lsts.finetune.spt); under cp > 1 the routed FFN still applies, with dense attention.
         self.sparse_attention = dims.cp == 1
-        if cfg.finetune.method == "spt" and dims.cp > 1 and dist.get_rank() == 0:
-            print("spt with context parallelism: routed FFN and LoRA, dense attention (sparse MHA needs cp = 1)")
+        if cfg.finetune.method == "spt" and dims.cp > 1:
+            log.info("spt with context parallelism: routed FFN and LoRA, dense attention (sparse MHA needs cp = 1)")
         if cfg.finetune.s2_variant == "roll" and (dims.cp > 1 or cfg.data.doc_masking):
             raise ValueError(
                 "finetune.s2_variant=roll (an ablation) rolls one whole sequence on one device: set the context "
@@ -161,7 +159,11 @@ class FinetuneJob:
         self.model = model = self._recipe_model(device)
         if cfg.parallel.activation_checkpoint != "none":
             # transformers' own per-layer checkpointing (non-reentrant: frozen inputs are fine).
-            model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm, kwargs = model.causal_lm, {"use_reentrant": False}
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers 5 renamed it; the old name warns
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         n_params = sum(p.numel() for p in model.parameters())
         flops_per_token = 6 * n_params  # attention's share is small at these widths; MFU is approximate
         if cfg.parallel.dp_engine in zero.ZERO_STAGES:
@@ -210,8 +212,7 @@ class FinetuneJob:
         if f.method == "spt" and self.sparse_attention and step > max(f.spt_dense_steps, 1) and not self.sparse_on:
             spt.set_stage(self.model, "sparse")
             self.sparse_on = True
-            if dist.get_rank() == 0:
-                print(f"step {step}: SPT switches to sparse attention", flush=True)
+            log.info("step %d: SPT switches to sparse attention", step)
 
     def finish(self, update) -> None:
         """Write ``out/merged`` (rank 0) from the gathered weights; every rank takes part."""
@@ -224,7 +225,7 @@ class FinetuneJob:
             path = export_merged(fresh.model, self.cfg.train.out)
             if self.cfg.data.tokenizer != "byte":  # the model's tokenizer travels with it
                 AutoTokenizer.from_pretrained(self.cfg.data.tokenizer).save_pretrained(path)
-            print(f"merged model saved to {path}", flush=True)
+            log.info("merged model saved to %s", path)
         dist.barrier()
 
 

@@ -132,6 +132,23 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoint_contents(out_dir: str | os.PathLike) -> list[str]:
+    """What the run's checkpoint directory holds, one phrase per entry, for a message such as
+    ``step-000002 (incomplete: no COMPLETE.json)``."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        if _STEP_DIR.match(path.name) and path.is_dir():
+            found.append(path.name if (path / MARKER).is_file() else f"{path.name} (incomplete: no {MARKER})")
+        elif _LEFTOVER.match(path.name):
+            found.append(f"{path.name} (an interrupted save)")
+        else:
+            found.append(f"{path.name} (not a checkpoint)")
+    return found
+
+
 def read_info(path: str | os.PathLike) -> CheckpointInfo:
     """The marker of checkpoint ``path``; ValueError if the directory is not a complete checkpoint."""
     path = Path(path)
@@ -503,7 +520,7 @@ def _log_resume(path: Path, info: CheckpointInfo) -> None:
             info.parallel_dims,
             now,
         )
-    log.info("resumed from %s (step %d)", path, info.step)
+    log.info("checkpoint step %d loaded from %s", info.step, path)
 
 
 # ---- files and collectives ----------------------------------------------------------------------
@@ -583,6 +600,7 @@ __all__ = [
     "CheckpointInfo",
     "Checkpointer",
     "EngineState",
+    "checkpoint_contents",
     "checkpoint_dir",
     "complete_checkpoints",
     "latest_checkpoint",

@@ -18,6 +18,7 @@ since its peak depends on whether TF32 is enabled, and neither does a CPU.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -58,11 +59,12 @@ _PEAK_16BIT: tuple[tuple[tuple[str, ...], float], ...] = (
 
 
 class MetricsLogger:
-    """Rank 0 logs each step to metrics.jsonl, TensorBoard and a tqdm bar; other ranks do nothing.
+    """Rank 0 logs each step to metrics.jsonl, TensorBoard, a `logging` INFO line (`step_line`:
+    step, loss, throughput, memory, gradient norm, learning rate, ETA) and, when stderr is a
+    terminal, a tqdm bar under those lines; other ranks do nothing.
 
     ``log(step, loss=..., lr=..., ...)`` takes any numbers (floats, ints, 0-d tensors); the standard
     keys missing from a call are written as ``null`` so that every line has the same columns.
-    Without a progress bar, each logged step becomes a `logging` INFO line instead.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class MetricsLogger:
     ) -> None:
         self.active = rank == 0
         self._jsonl = self._tb = self._bar = None
+        self.total_steps, self.start_step, self._t0 = total_steps, start_step, time.perf_counter()
         if not self.active:
             return
         out = Path(out_dir)
@@ -90,7 +93,10 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(out / TB_DIR), purge_step=start_step + 1)
         if progress_bar:
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # disable=None: a bar on a terminal only; in a file its carriage returns would make one long line.
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=None
+            )
 
     def log(self, step: int, **values: Any) -> None:
         if not self.active:
@@ -104,11 +110,12 @@ class MetricsLogger:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"train/{key}", value, step)
+        done = step - self.start_step
+        eta = (time.perf_counter() - self._t0) / done * (self.total_steps - step) if done > 0 else None
+        log.info(step_line(record, self.total_steps, eta))
         if self._bar is not None:
             self._bar.set_postfix(_postfix(record), refresh=False)
             self._bar.update(step - self._bar.n)
-        else:
-            log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in _postfix(record).items()))
 
     def close(self) -> None:
         """Flush and close everything; safe to call twice."""
@@ -158,6 +165,24 @@ def _plain(value: Any) -> Any:
 def _json_safe(record: dict) -> dict:
     # Strict JSON has no NaN or Infinity; null keeps every line loadable by any JSON reader.
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def step_line(record: dict, total_steps: int, eta_s: float | None) -> str:
+    """``step 3/10 | loss 5.4321 | 12,345 tok/s | mem 2.31 GiB | grad norm 0.812 | lr 3.00e-04 | ETA
+    0:01:23``; a value that is missing (``None``) is left out, and so is MFU where it is unknown."""
+    parts = [f"step {record['step']}/{total_steps}"]
+    formats = {
+        "loss": "loss {:.4f}",
+        "tokens_per_sec": "{:,.0f} tok/s",
+        "mem_gib": "mem {:.2f} GiB",
+        "grad_norm": "grad norm {:.3g}",
+        "lr": "lr {:.2e}",
+        "mfu": "mfu {:.1%}",
+    }
+    parts += [fmt.format(record[key]) for key, fmt in formats.items() if record.get(key) is not None]
+    if eta_s is not None:
+        parts.append(f"ETA {datetime.timedelta(seconds=round(eta_s))}")
+    return " | ".join(parts)
 
 
 def _postfix(record: dict) -> dict[str, str]:
@@ -244,5 +269,6 @@ __all__ = [
     "mfu",
     "peak_flops_by_name",
     "peak_memory_gib",
+    "step_line",
     "truncate_jsonl",
 ]

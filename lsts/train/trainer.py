@@ -11,18 +11,19 @@ schedule on the FSDP2, DDP or plain module; lsts clips and guards) and `lsts.tra
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
+import logging
 import math
 import os
-import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-from lsts.config import Config, KernelsConfig, load_config
+from lsts.cli import RunError
+from lsts.config import Config, KernelsConfig
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
 from lsts.parallel.comm import init_process_group
@@ -30,14 +31,16 @@ from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
 from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
 from lsts.train import zero
-from lsts.train.checkpoint import Checkpointer, latest_checkpoint, read_info
+from lsts.train.checkpoint import Checkpointer, checkpoint_contents, checkpoint_dir, latest_checkpoint, read_info
 from lsts.train.data import build_data
 from lsts.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """A step produced a non-finite loss or gradient; the optimizer did not step."""
 
 
@@ -67,9 +70,8 @@ def init_distributed(cfg: Config, device: torch.device) -> bool:
     timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
     if "RANK" in os.environ:
         init_process_group(backend, timeout=timeout)
-    else:
-        store = os.path.join(tempfile.mkdtemp(prefix="lsts-"), "rendezvous")
-        init_process_group(backend, timeout=timeout, init_method=f"file://{store}", rank=0, world_size=1)
+    else:  # one rank meets only itself: an in-memory store, no file or port left behind
+        init_process_group(backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 
@@ -163,12 +165,19 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
     job.check(dims, world)
+    log.info("output directory %s (config.yaml, metrics.jsonl, checkpoints/)", os.path.abspath(cfg.train.out))
+    resume_from = resume_point(cfg)  # before building anything: a wrong --resume fails at once
+    if resume_from is not None:
+        info = read_info(resume_from)
+        job.check_resume(info.extra)
+        _warn_if_schedule_changed(cfg, info.step, info.extra.get("schedule"))
     mesh = dims.build_mesh(device.type)
     dp_rank = mesh["dp"].get_local_rank()
     cp_rank = mesh["cp"].get_local_rank()
     if rank == 0:
         os.makedirs(cfg.train.out, exist_ok=True)
         cfg.save(os.path.join(cfg.train.out, "config.yaml"))
+    log.info("%d rank(s) on %s, %s: %s", world, device.type, str(dtype).removeprefix("torch."), dims.to_dict())
 
     torch.manual_seed(cfg.train.seed)
     update, flops_per_token = job.build(dims, mesh, device, dtype)
@@ -191,17 +200,17 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
         engine_state=update if isinstance(update, zero.ZeroUpdate) else None,
         frozen=job.save_frozen,
     )
+    extra = {**job.checkpoint_extra, "schedule": schedule_of(cfg)}
     start = 0
-    if cfg.train.resume:
-        start = ckpt.load_latest(*update.checkpoint_parts, data) or 0
-        if start:
-            job.check_resume(read_info(latest_checkpoint(cfg.train.out)).extra)
+    if resume_from is not None:
+        start = ckpt.load(resume_from, *update.checkpoint_parts, data)
         # The saved learning rate followed the saved run's schedule; continue on this run's (its
         # optim.lr and train.steps), from the saved step.
         scheduler = update.scheduler
         scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.optimizer.param_groups)
         for group in scheduler.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # get_last_lr(): the log
     logger = MetricsLogger(
         cfg.train.out,
         rank,
@@ -239,11 +248,73 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
             metrics["mfu"] = mfu(flops_per_token, tokens_per_sec, world, peak)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, **metrics)
-            ckpt.maybe_save(step, *update.checkpoint_parts, data, job.checkpoint_extra, force=step == cfg.train.steps)
+            ckpt.maybe_save(step, *update.checkpoint_parts, data, extra, force=step == cfg.train.steps)
     finally:
         logger.close()
     job.finish(update)
     return {"step": cfg.train.steps, **metrics}
+
+
+# The config values that shape the learning rate over the steps; a resume with others bends the curve.
+SCHEDULE_KEYS = ("train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.schedule")
+
+
+def schedule_of(cfg: Config) -> dict:
+    """``{section.field: value}`` of `SCHEDULE_KEYS`, recorded in every checkpoint."""
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in SCHEDULE_KEYS}
+
+
+def resume_point(cfg: Config) -> os.PathLike | None:
+    """The checkpoint this run continues from under ``train.resume`` (None: step 0), with the
+    decision logged. ValueError when ``true`` finds no complete checkpoint, naming what is there."""
+    out, mode = cfg.train.out, cfg.train.resume
+    latest, where = latest_checkpoint(out), checkpoint_dir(out)
+    if latest is not None and mode != "false":
+        log.info("resuming from %s (train.resume=%s)", latest, mode)
+        return latest
+    found = ", ".join(checkpoint_contents(out)) or "nothing"
+    if mode == "true":
+        raise ValueError(
+            f"--resume: no complete checkpoint in {where} (found: {found}); resume from a directory that has "
+            "one, or pass --resume=auto to start at step 0 when there is none"
+        )
+    if latest is not None:
+        log.warning(
+            "starting at step 0 (train.resume=false) although %s holds %s: this run's checkpoints will replace "
+            "them; --resume continues from it instead",
+            where,
+            latest.name,
+        )
+    elif mode == "auto":
+        log.info("starting at step 0 (--resume=auto: no complete checkpoint in %s; found: %s)", where, found)
+    else:
+        log.info("starting at step 0")
+    return None
+
+
+def _warn_if_schedule_changed(cfg: Config, step: int, saved: dict | None) -> None:
+    """A warning when the checkpoint's schedule values (None: not recorded) differ from this run's,
+    with the jump of the learning rate that follows."""
+    now = schedule_of(cfg)
+    changed = {k: v for k, v in (saved or {}).items() if k in now and now[k] != v}
+    if not changed:
+        return
+    old = copy.deepcopy(cfg)
+    for key, value in changed.items():
+        old.set(key, value, source="checkpoint")
+    lr_then = old.optim.lr * lr_lambda(old)(step - 1)  # step s ran at factor(s - 1)
+    lr_next, lr_saved = (c.optim.lr * lr_lambda(c)(step) for c in (cfg, old))
+    log.warning(
+        "resuming step %d with another learning-rate schedule than the checkpoint's (%s): lr %.3g at step %d "
+        "becomes %.3g at step %d, where the saved schedule continues at %.3g; pass the saved values to keep it",
+        step,
+        ", ".join(f"{k} {v} -> {now[k]}" for k, v in changed.items()),
+        lr_then,
+        step,
+        lr_next,
+        step + 1,
+        lr_saved,
+    )
 
 
 def _non_finite(step: int, loss: float, grad_norm, out: str) -> NonFiniteError:
@@ -396,12 +467,4 @@ def _clip(model, max_norm: float, pp_group=None) -> float:
     return float(norm)
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = load_config(argv)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    train(cfg)
-
-
-__all__ = ["MASFormerJob", "NonFiniteError", "TorchUpdate", "main", "train"]
+__all__ = ["MASFormerJob", "NonFiniteError", "TorchUpdate", "train"]
