@@ -28,15 +28,18 @@ def checkpoint(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("llama"), max_position_embeddings=256)
 
 
-def _launch(checkpoint, out: Path, runs: list[str], nproc: int) -> dict:
-    """The runs in one process (the baseline) or under torchrun; their per-step logs."""
+def _launch(checkpoint, out: Path, runs: list[str], nproc: int, launcher: str = "torchrun") -> dict:
+    """The runs in one process (the baseline), under torchrun or accelerate launch; their per-step logs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = [str(SCRIPT), str(checkpoint), str(out), *runs]
     if nproc == 1:
         cmd = [sys.executable, *script]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", *script]
     else:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-        cmd = [*torchrun, "--standalone", *script]
+        port = str(29500 + os.getpid() % 1000)  # accelerate has no free-port option: one per test process
+        accelerate = ["-m", "accelerate.commands.launch", f"--num_processes={nproc}", "--cpu", "--main_process_port"]
+        cmd = [sys.executable, *accelerate, port, *script]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
     return json.loads(out.read_text())
@@ -91,6 +94,12 @@ def test_hybrid_and_dp_times_cp_on_four_ranks(checkpoint, tmp_path, run, base):
     # dp=2 x cp=2 takes 2 dp groups x 2 accumulation steps of batches per step: one process with 4.
     want = _launch(checkpoint, tmp_path / "base.json", [base], 1)[base]
     _assert_same_steps(_launch(checkpoint, tmp_path / "out.json", [run], 4)[run], want)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_equals_one_process(baseline, checkpoint, tmp_path):
+    got = _launch(checkpoint, tmp_path / "out.json", ["sft:ring"], 2, launcher="accelerate")
+    _assert_same_steps(got["sft:ring"], baseline["sft:local"])
 
 
 def test_padded_rows_become_documents_with_labels_shifted_on_the_row():

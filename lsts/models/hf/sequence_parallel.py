@@ -349,6 +349,8 @@ def check_trainer(trainer) -> None:
 def _init_distributed() -> int:
     """The world size, initializing torch.distributed from torchrun's environment if needed."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():  # NCCL collectives run on this rank's own device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         init_process_group()
     return dist.get_world_size() if dist.is_initialized() else 1
 
