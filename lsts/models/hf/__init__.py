@@ -13,3 +13,10 @@ from lsts.models.hf.attention import (
 )
 
 __all__ = ["DECODE_UNIT", "NAME", "attention_modules", "lsts_attention_forward", "register", "use_lsts_attention"]
+from lsts.models.hf.sequence_parallel import (
+    SequenceParallel,
+    SequenceParallelLoader,
+    sequence_parallel,
+)
+
+__all__ += ["SequenceParallel", "SequenceParallelLoader", "sequence_parallel"]
