@@ -1,7 +1,7 @@
 """The configuration of ``launch/finetune.py``: the training sections of `lsts.config` (parallel,
 kernels, data, optim, train, checkpoint, metrics) plus a ``finetune`` section in place of ``model``
 (the model is a Hugging Face checkpoint). Defaults follow the LongLoRA recipe: lr 2e-5, no weight
-decay, constant schedule after 20 warmup steps, LoRA r=8 / alpha=16 on q/k/v/o.
+decay, constant schedule after 20 warmup steps, LoRA r=8 / alpha=16 on the attention projections.
 """
 
 # ruff: noqa: RUF009  # `_f` is `dataclasses.field` with help metadata: its result is not a shared default

@@ -1,6 +1,7 @@
 """Long-context fine-tuning recipes for Hugging Face decoders (``ALGORITHMS.md`` §6-§7).
 
-- ``lora``: LoRA (peft; r=8, alpha=16 on q/k/v/o) with full causal attention.
+- ``lora``: LoRA (peft; r=8, alpha=16 on the attention projections, `lsts.finetune.targets`) with
+  full causal attention.
 - ``longlora``: LongLoRA — S²-Attn (shifted groups of a quarter of the length, leak-free) for
   training, LoRA+ (embeddings and every norm trainable besides the adapters).
 - ``sinklora``: SinkLoRA — SF-Attn (the same groups plus 4 global sink tokens), LoRA+.
@@ -8,27 +9,31 @@
 - ``spt``: SPT (`lsts.finetune.spt`): sparse MHA by product-quantized key selection, routed FFN,
   LoRA r=16 on attention and FFN projections.
 
-All extend the positions by linear interpolation: RoPE's factor is ``ceil(target / original)``, and
-the factor is written into the config, so the merged checkpoint runs at the new length in plain
-transformers. Evaluation and generation use full attention (`for_evaluation`).
+All extend the positions by linear interpolation (`lsts.finetune.positions`): RoPE's factor is
+``ceil(target / original)``, written into the config with every other RoPE setting kept, so the
+merged checkpoint runs at the new length in plain transformers. Evaluation and generation use full
+attention (`for_evaluation`). The base model's own attention settings (sliding window, softcapping,
+sinks, layer types) stay in its config: trained with and exported as they are.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lsts.attention import LOCAL, AttentionContext, RolledS2
+from lsts.finetune.positions import extend_positions, interpolation_factor
+from lsts.finetune.targets import lora_config
 from lsts.kernels.attention import CAUSAL, Span
 from lsts.models.hf import attention_modules, use_lsts_attention
 
 METHODS = ("lora", "longlora", "sinklora", "full", "spt")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 N_SINK = 4
 
 
@@ -57,19 +62,11 @@ def recipe(method: str, seq_len: int, s2_variant: str = "leak_free") -> Recipe:
     return Recipe(method, span, lora=method != "full", train_embeddings_and_norms=method in ("longlora", "sinklora"))
 
 
-def interpolation_factor(seq_len: int, original: int) -> int:
-    """Position interpolation: ``ceil(target / original)``, at least 1."""
-    return max(1, math.ceil(seq_len / original))
-
-
 def load_extended(model_dir: str | Path, seq_len: int, dtype: torch.dtype = torch.float32):
-    """The checkpoint with linear RoPE interpolation for ``seq_len`` written into its config."""
+    """The checkpoint with linear RoPE interpolation for ``seq_len`` written into its config
+    (`extend_positions`)."""
     config = AutoConfig.from_pretrained(model_dir)
-    factor = interpolation_factor(seq_len, config.max_position_embeddings)
-    if factor > 1:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 1e4))
-        config.rope_parameters = {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
-        config.max_position_embeddings = seq_len
+    extend_positions(config, seq_len)
     return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
 
 
@@ -94,14 +91,16 @@ def prepare(
     use_lsts_attention(model, span=rec.span, ctx=ctx)
     if not rec.lora:
         return model.requires_grad_(True)
-    model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
-    )
+    model = get_peft_model(model, lora_config(model, r, alpha))
     if rec.train_embeddings_and_norms:
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name or "norm" in name:
-                p.requires_grad_(True)
+        for module in (model.get_input_embeddings(), *filter(_is_norm, model.modules())):
+            module.requires_grad_(True)
     return model
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and the models' own norm classes (``LlamaRMSNorm``, ``Gemma2RMSNorm``...)."""
+    return "Norm" in type(module).__name__
 
 
 def for_evaluation(model, ctx: AttentionContext = LOCAL):
@@ -113,7 +112,8 @@ def for_evaluation(model, ctx: AttentionContext = LOCAL):
 
 def export_merged(model, out_dir: str | Path) -> Path:
     """LoRA merged into the weights, saved with `save_pretrained` for plain transformers (the RoPE
-    factor travels in the config); returns ``out_dir/merged``."""
+    factor travels in the config); returns ``out_dir/merged``. Its files get the permissions of any
+    file the user creates (``0666 & ~umask``): safetensors may write them owner-only."""
     path = Path(out_dir) / "merged"
     merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
     if any(hasattr(m, "spt_pq") for m in merged.modules()):
@@ -122,7 +122,16 @@ def export_merged(model, out_dir: str | Path) -> Path:
         strip_spt(merged)  # plain transformers runs the dense FFN and attention of the merged weights
     merged.config._attn_implementation = "sdpa"  # a plain load must not need lsts registered
     merged.save_pretrained(path)
+    _normal_permissions(path)
     return path
+
+
+def _normal_permissions(directory: Path) -> None:
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    for file in directory.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 __all__ = [

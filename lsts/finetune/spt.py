@@ -8,8 +8,9 @@
 2. every MLP of the LlamaMLP kind (``gate_proj``, ``up_proj``, ``down_proj``, SwiGLU) or of the GELU
    kind (``fc1``, ``fc2``) becomes a `RoutedMLP` that keeps the pretrained projections (hidden units
    in 4 blocks) and adds a sigmoid router;
-3. LoRA (peft, rank 16, alpha 32) goes on the attention and FFN projections; the routers and the
-   codebooks stay trainable.
+3. LoRA (peft, rank 16, alpha 32) goes on the attention and FFN projections
+   (`lsts.finetune.targets`, found before the routers exist); the routers and the codebooks stay
+   trainable.
 
 Staging (`set_stage`): ``"dense"`` first — full causal attention, while each attention module's
 codebook loss is computed on its q and k (`aux_loss` returns it, weighted, for the trainer to add);
@@ -35,19 +36,19 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from lsts.attention import LOCAL, AttentionContext
+from lsts.finetune.targets import lora_config
 from lsts.kernels.attention import CAUSAL
 from lsts.kernels.spt import ProductQuantizer, budget_for, routed_ffn, select_keys, sparse_attention
 from lsts.models.hf import attention_modules, lsts_attention_forward, use_lsts_attention
 
 NAME = "lsts_spt"
 STAGES = ("dense", "sparse")
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
 _GELU = ("fc1", "fc2")
 
@@ -241,11 +242,10 @@ def prepare_spt(model: nn.Module, config: SPTConfig = SPTConfig(), ctx: Attentio
         weight = next(module.parameters())
         module.spt_pq = ProductQuantizer(head_dim, config.sub_dim, config.n_codes).to(weight.device)
         module.spt_config, module.spt_stage, module.spt_aux_loss = config, "dense", None
-    targets = list(ATTENTION_TARGETS)
+    # The routed MLP keeps the projections under their names, so targets found now still name them.
+    lora = lora_config(model, config.lora_r, config.lora_alpha, mlp=config.routed_ffn)
     if config.routed_ffn:
         _route_mlps(model, config)
-        targets += [n for n in (*_SWIGLU, *_GELU) if any(name.endswith("." + n) for name, _ in model.named_modules())]
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, lora_dropout=0.0)
     model = get_peft_model(model, lora)
     for name, p in model.named_parameters():
         if "spt_router" in name or "spt_pq" in name:

@@ -44,6 +44,9 @@ from lsts.train.trainer import TorchUpdate, lr_lambda
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Config keys of output heads that transform the logits after the output embedding (Gemma's final
+# softcapping, Cohere's and Granite's scales), with the value that leaves them unchanged.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 class CausalLMLoss(nn.Module):
@@ -109,6 +112,12 @@ class FinetuneJob:
         self.cfg = cfg
         self.hf_config = load_base_config(cfg.finetune.model)  # refuses what lsts cannot run before any weight
         self.vocab_size = self.hf_config.vocab_size
+        for key, neutral in LOGIT_TRANSFORMS.items():
+            if getattr(self.hf_config, key, neutral) != neutral:
+                raise ValueError(
+                    f"{cfg.finetune.model}: {key} = {getattr(self.hf_config, key)}, which the fine-tuning loss head "
+                    f"(output embedding, then cross-entropy) does not apply; set it to {neutral} in its config.json"
+                )
         cfg.data.tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.finetune.model)
         if cfg.data.tokenizer == "byte" and self.vocab_size < 256:
             raise ValueError(
