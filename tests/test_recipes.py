@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lsts.attention import AttentionContext
-from lsts.finetune.recipes import export_merged, for_evaluation, interpolation_factor, load_extended, prepare, recipe
+from lsts.finetune.recipes import export_merged, interpolation_factor, load_extended, prepare, recipe
+from lsts.models.hf import use_lsts_attention
 from tests.hf_models import save_tiny_llama
 from tests.oracle import rel_err
 
@@ -27,7 +28,7 @@ def test_interpolation_factor_and_config(checkpoint):
 
 
 @pytest.mark.parametrize(
-    "method,kind", [("lora", "causal"), ("longlora", "s2"), ("sinklora", "sf"), ("full", "causal")]
+    "method,kind", [("lora", None), ("longlora", "s2"), ("sinklora", "sf"), ("full", None)]
 )
 def test_each_method_trains_what_its_recipe_says(checkpoint, method, kind):
     model = prepare(load_extended(checkpoint, 128), method, 128, CTX)
@@ -35,8 +36,9 @@ def test_each_method_trains_what_its_recipe_says(checkpoint, method, kind):
     assert any("lora_" in n for n in trainable) == (method != "full")
     assert any("embed_tokens" in n for n in trainable) == (method != "lora")
     assert any(n.endswith("norm.weight") for n in trainable) == (method != "lora")
-    spans = {m.lsts_span.kind for m in model.modules() if hasattr(m, "lsts_span")}
-    assert spans == {kind} and recipe(method, 128).span.kind == kind
+    # None: the model's own attention on every layer
+    spans = {getattr(m.lsts_span, "kind", None) for m in model.modules() if hasattr(m, "lsts_span")}
+    assert spans == {kind} and getattr(recipe(method, 128).span, "kind", None) == kind
 
 
 def test_merged_export_loads_in_plain_transformers_with_equal_logits(checkpoint, tmp_path):
@@ -46,7 +48,7 @@ def test_merged_export_loads_in_plain_transformers_with_equal_logits(checkpoint,
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     tokens = torch.randint(0, 97, (1, 128), generator=torch.Generator().manual_seed(2))
-    want = for_evaluation(model, CTX)(tokens).logits
+    want = use_lsts_attention(model, None, CTX)(tokens).logits
     path = export_merged(model, tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert plain.config.rope_parameters["factor"] == 2.0

@@ -11,8 +11,8 @@
 
 All extend the positions by linear interpolation (`lsts.finetune.positions`): RoPE's factor is
 ``ceil(target / original)``, written into the config with every other RoPE setting kept, so the
-merged checkpoint runs at the new length in plain transformers. Evaluation and generation use full
-attention (`for_evaluation`). The base model's own attention settings (sliding window, softcapping,
+merged checkpoint runs at the new length in plain transformers. Evaluation and generation use the
+model's own attention (no training span). The base model's own attention settings (sliding window, softcapping,
 sinks, layer types) stay in its config: trained with and exported as they are.
 """
 
@@ -30,8 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lsts.attention import LOCAL, AttentionContext, RolledS2
 from lsts.finetune.positions import extend_positions, interpolation_factor
 from lsts.finetune.targets import lora_config
-from lsts.kernels.attention import CAUSAL, Span
-from lsts.models.hf import attention_modules, use_lsts_attention
+from lsts.kernels.attention import Span
+from lsts.models.hf import use_lsts_attention
 
 METHODS = ("lora", "longlora", "sinklora", "full", "spt")
 N_SINK = 4
@@ -40,7 +40,7 @@ N_SINK = 4
 @dataclass(frozen=True)
 class Recipe:
     method: str
-    span: Span | RolledS2
+    span: Span | RolledS2 | None  # None: the model's own attention on every layer
     lora: bool
     train_embeddings_and_norms: bool  # LoRA+
 
@@ -58,7 +58,7 @@ def recipe(method: str, seq_len: int, s2_variant: str = "leak_free") -> Recipe:
     if s2_variant not in ("leak_free", "roll"):
         raise ValueError(f"unknown S² variant {s2_variant!r}; choose leak_free or roll")
     s2 = RolledS2(group) if s2_variant == "roll" else Span("s2", group)
-    span = {"longlora": s2, "sinklora": Span("sf", group, N_SINK)}.get(method, CAUSAL)
+    span = {"longlora": s2, "sinklora": Span("sf", group, N_SINK)}.get(method)
     return Recipe(method, span, lora=method != "full", train_embeddings_and_norms=method in ("longlora", "sinklora"))
 
 
@@ -103,13 +103,6 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__
 
 
-def for_evaluation(model, ctx: AttentionContext = LOCAL):
-    """Full causal attention on every layer (the spans are a training device)."""
-    for module in attention_modules(model):
-        module.lsts_span, module.lsts_ctx = CAUSAL, ctx
-    return model
-
-
 def export_merged(model, out_dir: str | Path) -> Path:
     """LoRA merged into the weights, saved with `save_pretrained` for plain transformers (the RoPE
     factor travels in the config); returns ``out_dir/merged``. Its files get the permissions of any
@@ -138,7 +131,6 @@ __all__ = [
     "METHODS",
     "Recipe",
     "export_merged",
-    "for_evaluation",
     "interpolation_factor",
     "load_extended",
     "prepare",

@@ -43,7 +43,6 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from lsts.attention import LOCAL, AttentionContext
 from lsts.finetune.targets import lora_config
-from lsts.kernels.attention import CAUSAL
 from lsts.kernels.spt import ProductQuantizer, budget_for, routed_ffn, select_keys, sparse_attention
 from lsts.models.hf import attention_modules, lsts_attention_forward, use_lsts_attention
 
@@ -233,7 +232,7 @@ def prepare_spt(model: nn.Module, config: SPTConfig = SPTConfig(), ctx: Attentio
     have trained (SPT: after a first part of fine-tuning)."""
     if config.sparse_attention:
         _check_sparse_ctx(ctx)
-    use_lsts_attention(model, CAUSAL, ctx)  # validates the model, sets lsts_span / lsts_ctx per module
+    use_lsts_attention(model, None, ctx)  # validates the model, sets lsts_span / lsts_ctx per module
     register()
     model.set_attn_implementation(NAME)
     modules = attention_modules(model)
