@@ -47,11 +47,13 @@ from lsts.kernels.attention import attention as local_attention
 NAME = "lsts"
 DECODE_UNIT = 4096  # keys per split-K work unit when decoding against a longer cache
 
-# Keyword arguments transformers passes that carry no attention semantics (bookkeeping for other
-# layers, the loss or the cache). Anything else lsts does not implement is an error.
+# Keyword arguments a model's forward passes down that carry no attention semantics (bookkeeping
+# for other layers, the loss, the cache, Mamba's packing). Anything else lsts does not implement is
+# an error.
 _INERT = frozenset(
     {"position_ids", "cache_position", "num_items_in_batch", "use_cache", "output_hidden_states", "return_dict",
-     "layer_idx", "cache", "past_key_values", "max_length_q", "max_length_k", "output_router_logits"}
+     "layer_idx", "cache", "past_key_values", "max_length_q", "max_length_k", "output_router_logits",
+     "shift_labels", "ignore_index", "seq_idx"}
 )  # fmt: skip
 # What the model's own attention is made of (read by `model_semantics`).
 _SEMANTIC = frozenset({"sliding_window", "softcap", "s_aux", "is_causal", "cu_seq_lens_q", "cu_seq_lens_k"})
