@@ -74,7 +74,7 @@ class ModelConfig:
 
     def full_layer_ids(self) -> list[int]:
         """Indices of the full-attention layers. "interleave" spaces them evenly and ends on the top
-        layer (ALGORITHMS.md §5 leaves the placement open: this is one preset among three)."""
+        layer (docs/algorithms.md §5 leaves the placement open: this is one preset among three)."""
         L, n = self.n_layers, self.n_full
         if self.full_layers == "all":
             return list(range(L))

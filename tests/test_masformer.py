@@ -331,7 +331,7 @@ def test_num_params_and_flops_per_token():
         n = 24 * per_block + 24 + 50 * 24 * (1 if tied else 2)
         assert model.num_params() == n
         assert model.num_params(exclude_embedding=True) == n - (0 if tied else 50 * 24)
-    # ALGORITHMS.md §5: the attention cost of l full layers among L, the others blocks of b, is
+    # docs/algorithms.md §5: the attention cost of l full layers among L, the others blocks of b, is
     # (l·n + (L-l)·b) / (L·n) of an all-full model; 6N is the same for both.
     n_tok, b = 8192, 1024
     full = MASFormer(replace(cfg, full_layers="all"))

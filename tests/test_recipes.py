@@ -27,9 +27,7 @@ def test_interpolation_factor_and_config(checkpoint):
     assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 256
 
 
-@pytest.mark.parametrize(
-    "method,kind", [("lora", None), ("longlora", "s2"), ("sinklora", "sf"), ("full", None)]
-)
+@pytest.mark.parametrize("method,kind", [("lora", None), ("longlora", "s2"), ("sinklora", "sf"), ("full", None)])
 def test_each_method_trains_what_its_recipe_says(checkpoint, method, kind):
     model = prepare(load_extended(checkpoint, 128), method, 128, CTX)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

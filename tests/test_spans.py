@@ -1,4 +1,4 @@
-"""Span masks equal the formulas of ALGORITHMS.md, written out element by element."""
+"""Span masks equal the formulas of docs/algorithms.md, written out element by element."""
 
 import pytest
 import torch

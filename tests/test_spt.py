@@ -1,4 +1,4 @@
-"""SPT (``ALGORITHMS.md`` §8): product quantizer, top-L key selection, sparse MHA, routed FFN — each
+"""SPT (``docs/algorithms.md`` §8): product quantizer, top-L key selection, sparse MHA, routed FFN — each
 backend against a float64 oracle — and the model pass on a local tiny Llama."""
 
 import sys

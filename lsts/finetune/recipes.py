@@ -1,4 +1,4 @@
-"""Long-context fine-tuning recipes for Hugging Face decoders (``ALGORITHMS.md`` §6-§7).
+"""Long-context fine-tuning recipes for Hugging Face decoders (``docs/algorithms.md`` §6-§7).
 
 - ``lora``: LoRA (peft; r=8, alpha=16 on the attention projections, `lsts.finetune.targets`) with
   full causal attention.

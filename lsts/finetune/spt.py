@@ -1,4 +1,4 @@
-"""SPT fine-tuning of Hugging Face decoders (``ALGORITHMS.md`` §8): sparse MHA, routed FFN, LoRA.
+"""SPT fine-tuning of Hugging Face decoders (``docs/algorithms.md`` §8): sparse MHA, routed FFN, LoRA.
 
 `prepare_spt(model, config, ctx)` does one pass over a loaded model:
 

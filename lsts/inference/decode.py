@@ -1,5 +1,5 @@
 """Split-K decoding: attention of a few new queries against a long KV cache, cut into equal work
-units whose partial ``(out, lse)`` are merged (``ALGORITHMS.md`` §1, §9).
+units whose partial ``(out, lse)`` are merged (``docs/algorithms.md`` §1, §9).
 
 Lean Attention (and FlashDecoding before it) observes that in the decode phase there are too few
 queries to keep a device busy, so the *keys* are split instead: every unit attends the same queries

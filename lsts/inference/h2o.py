@@ -1,4 +1,4 @@
-"""H2O KV-cache eviction with the A2SF forgetting factor, as a ``transformers.Cache`` (``ALGORITHMS.md`` §7).
+"""H2O KV-cache eviction with the A2SF forgetting factor, as a ``transformers.Cache`` (``docs/algorithms.md`` §7).
 
 H2O ("Heavy-Hitter Oracle", Zhang et al. 2023) keeps, per layer and per K/V head, the ``recent``
 newest tokens plus the ``heavy`` older tokens with the largest accumulated attention score; A2SF

@@ -1,7 +1,7 @@
 """MASFormer: a decoder-only LM (RMSNorm, RoPE, SwiGLU, GQA) whose layers differ only in attention span.
 
 Full causal attention at a few layers, a sliding window or diagonal blocks at the others
-(``ALGORITHMS.md`` §5; Zhang et al., "Efficient Long-Range Transformers: You Need to Attend More,
+(``docs/algorithms.md`` §5; Zhang et al., "Efficient Long-Range Transformers: You Need to Attend More,
 but Not Necessarily at Every Layer", 2023). ``ModelConfig.layer_spans`` places them; each
 `TransformerBlock` keeps its `Span` and hands it to `lsts.attention.attention`.
 
@@ -220,7 +220,7 @@ class MASFormer(nn.Module):
         forward, times 3 with the backward. ``ctx`` is the key span each query is charged for:
         ``seq_len`` for a full causal layer (PaLM's convention, which torchtitan keeps: the masked
         half of the square is counted), ``min(w, seq_len)`` for a window and ``min(b, seq_len)`` for
-        a block layer — so the attention term follows ``ALGORITHMS.md`` §5's cost ratio
+        a block layer — so the attention term follows ``docs/algorithms.md`` §5's cost ratio
         ``(l·n + (L-l)·b) / (L·n)``. Counts the layers this module holds (a pipeline stage: its own)."""
         attn = 0
         for block in self.layers.values():

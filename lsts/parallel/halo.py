@@ -1,6 +1,6 @@
 """Halo exchange: window, block, S² and SF spans under context parallelism with neighbour traffic only.
 
-Every span served here bounds how far back a query looks (``ALGORITHMS.md`` §5-§7): a window the
+Every span served here bounds how far back a query looks (``docs/algorithms.md`` §5-§7): a window the
 previous w keys, a block its block's start, LongLoRA's S² (and SinkLoRA's SF) the start of its
 group, shifted by G/2 on the second half of the heads. So each contiguous run of a shard (one under
 the contiguous layout, two under zigzag) needs only the ``width`` tokens of K/V just before it,
@@ -13,7 +13,7 @@ G/2 tokens: only the half-groups that straddle ranks travel.
 
 SF's sinks (the first ``n_sink`` tokens, inside rank 0's first run) are sent once by rank 0 to every
 rank whose runs' key blocks start after them; a run attends them as a second key block, merged with
-its main block ``[halo, run]`` by the (out, lse) rule of ``ALGORITHMS.md`` §1. Its backward runs
+its main block ``[halo, run]`` by the (out, lse) rule of ``docs/algorithms.md`` §1. Its backward runs
 each block with the queries' global out and lse, as ring attention does, so it is exact.
 
 The exchange is differentiable: its backward sends the received tokens' dK/dV back to the ranks

@@ -1,4 +1,4 @@
-"""Ring attention with online softmax (``ALGORITHMS.md`` §3), and the one ring loop of lsts.
+"""Ring attention with online softmax (``docs/algorithms.md`` §3), and the one ring loop of lsts.
 
 `ring_pass` circulates a block round the ring (send to r+1, receive from r-1), posting the next
 transfer before visiting the current block so communication hides behind compute. The backward

@@ -1,5 +1,5 @@
 """Ring Self-Attention (RSA), the seed method of "Sequence Parallelism: Long Sequence Training from
-System Perspective" (``ALGORITHMS.md`` §2), kept for fidelity and as the memory baseline.
+System Perspective" (``docs/algorithms.md`` §2), kept for fidelity and as the memory baseline.
 
 Contiguous layout. Ring 1 passes K round so each rank builds its full score rows ``[S_local, N]``;
 an exact softmax follows; ring 2 passes V round and accumulates the output. The probabilities are

@@ -1,6 +1,6 @@
 """Sequence layouts: which global tokens each rank holds, and which ring tiles are unmasked.
 
-Three layouts of a length-N sequence over P ranks (``ALGORITHMS.md`` §3):
+Three layouts of a length-N sequence over P ranks (``docs/algorithms.md`` §3):
 
 - ``contiguous``: rank r holds chunk r of P. Simple; under a causal mask rank 0 idles.
 - ``zigzag``: 2P chunks; rank r holds chunks r and 2P-1-r. Every ring step costs every rank the same.

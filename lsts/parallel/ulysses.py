@@ -1,4 +1,4 @@
-"""Distributed multi-head attention by all-to-all (``ALGORITHMS.md`` §4; the DeepSpeed-Ulysses
+"""Distributed multi-head attention by all-to-all (``docs/algorithms.md`` §4; the DeepSpeed-Ulysses
 scheme): sequence-sharded ``[B, N/P, H, D]`` -> all-to-all -> head-sharded ``[B, N, H/P, D]`` ->
 local attention on whole sequences for a subset of heads -> all-to-all back.
 

@@ -1,4 +1,4 @@
-"""The merge rule of partial attention results over disjoint key sets (``ALGORITHMS.md`` §1).
+"""The merge rule of partial attention results over disjoint key sets (``docs/algorithms.md`` §1).
 
     lse = logaddexp(lse1, lse2);  out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2
 

@@ -2,7 +2,7 @@
 
 Works in any floating dtype (float64 for tests), any mask, GQA. Memory is O(Sq * Sk) per head, so it
 is only for small shapes. Backward takes the *global* ``out`` and ``lse`` and is the FlashAttention-2
-partition backward (``ALGORITHMS.md`` §1), so it also serves ring steps that see a part of the keys.
+partition backward (``docs/algorithms.md`` §1), so it also serves ring steps that see a part of the keys.
 """
 
 from __future__ import annotations

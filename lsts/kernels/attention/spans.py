@@ -1,6 +1,6 @@
 """Attention spans: which keys each query may see, as one predicate in *global* positions.
 
-A span is the mask of a layer (``ALGORITHMS.md`` §5-§7). With query position i, key position j,
+A span is the mask of a layer (``docs/algorithms.md`` §5-§7). With query position i, key position j,
 query head h of H, every span is the conjunction
 
     causal:  j <= i                                   (every span here but "full")

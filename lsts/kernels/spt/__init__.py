@@ -1,4 +1,4 @@
-"""SPT kernels (``ALGORITHMS.md`` §8; Gui et al., "SPT: Fine-Tuning Transformer-based Language Models
+"""SPT kernels (``docs/algorithms.md`` §8; Gui et al., "SPT: Fine-Tuning Transformer-based Language Models
 Efficiently with Sparsification", 2024): a product quantizer per attention module (`pq`), sparse MHA
 over the top-L keys by code collisions (`sparse_attention`), and the routed FFN (`routed_ffn`).
 Each op has a ``torch`` CPU twin, a ``reference`` oracle and Triton kernels (`spt.triton`, imported

@@ -1,4 +1,4 @@
-"""Product quantizer of SPT's sparse MHA (``ALGORITHMS.md`` §8): codes for queries and keys whose
+"""Product quantizer of SPT's sparse MHA (``docs/algorithms.md`` §8): codes for queries and keys whose
 collisions pick the keys each query attends.
 
 A head vector ``z [D]`` is cut into ``D / sub_dim`` sub-vectors of ``sub_dim`` dims (8 in SPT); each

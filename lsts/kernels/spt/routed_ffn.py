@@ -1,4 +1,4 @@
-"""SPT routed FFN (``ALGORITHMS.md`` §8): the FFN's hidden units in ``E`` blocks (4), a sigmoid router
+"""SPT routed FFN (``docs/algorithms.md`` §8): the FFN's hidden units in ``E`` blocks (4), a sigmoid router
 picks the top-``k`` blocks (2) per token, tokens are batched per block, and each block's output is
 scaled by ``2·p`` (``p`` the router's sigmoid for that block) so the router receives a gradient.
 

@@ -1,4 +1,4 @@
-"""SPT sparse MHA (``ALGORITHMS.md`` §8): each query attends its top-L causal keys by product-
+"""SPT sparse MHA (``docs/algorithms.md`` §8): each query attends its top-L causal keys by product-
 quantizer code collisions, through SDDMM -> sparse softmax -> SpMM.
 
 **Selection** (`select_keys`). Codes ``q_codes [B, N, H, S]``, ``k_codes [B, N, H_kv, S]`` (``S =
