@@ -137,7 +137,8 @@ def _exchange(group, outgoing: list[tuple[int, torch.Tensor]], incoming: list[tu
     for op, messages in ((dist.isend, outgoing), (dist.irecv, incoming)):
         count = Counter()
         for peer, t in messages:
-            assert op is dist.isend or t.is_contiguous(), "a receive must land in the caller's buffer"
+            if op is dist.irecv and not t.is_contiguous():
+                raise RuntimeError("a halo receive must land in the caller's buffer: pass a contiguous tensor")
             ops.append(dist.P2POp(op, t.contiguous(), dist.get_global_rank(group, peer), group, tag=count[peer]))
             count[peer] += 1
     if ops:

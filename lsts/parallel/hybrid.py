@@ -88,7 +88,8 @@ def hybrid_attention(
     # Put the gathered tokens (rank by rank) in the order of ring rank r's shard over R ranks.
     gathered = layout_order(seq_len, world, layout, range(ring_rank * n_uly, (ring_rank + 1) * n_uly))
     to_ring = torch.argsort(gathered)
-    assert torch.equal(gathered[to_ring], layout_indices(seq_len, n_ring, ring_rank, layout))
+    if not torch.equal(gathered[to_ring], layout_indices(seq_len, n_ring, ring_rank, layout)):
+        raise RuntimeError(f"hybrid: the Ulysses group's tokens are not ring rank {ring_rank}'s {layout} shard")
     to_ring, from_ring = to_ring.to(q.device), torch.argsort(to_ring).to(q.device)
     qh, kh, vh = (x[:, to_ring] for x in (qh, kh, vh))
     uly_rank = dist.get_rank(ulysses_group)

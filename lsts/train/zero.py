@@ -128,7 +128,9 @@ class ZeroUpdate:
     ) -> None:
         # DeepSpeed reduces over its own data-parallel group, the world: right only while nothing
         # else (tp, pp) splits the ranks, which check_supported guarantees.
-        assert dp_cp_size == dist.get_world_size(), "ZeRO's data-parallel group must be mesh['dp_cp']"
+        if dp_cp_size != dist.get_world_size():
+            world = dist.get_world_size()
+            raise RuntimeError(f"ZeRO's data-parallel group must be the world of {world}, not {dp_cp_size}")
         import deepspeed  # here, not at the top: an optional dependency and a slow import
 
         # DeepSpeed insists on reading the local rank from the environment. torchrun sets it; a plain
@@ -172,7 +174,11 @@ class ZeroUpdate:
         """Reduce (ZeRO-1), clip and update: ``(gradient norm, learning rate used, applied)``.
         Not applied means DeepSpeed found the gradient non-finite and skipped the update."""
         # A different count would move DeepSpeed's accumulation boundary off the optimizer step.
-        assert self._calls == self.backward_calls and self.engine.is_gradient_accumulation_boundary()
+        if self._calls != self.backward_calls or not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                f"ZeRO step after {self._calls} backward calls, expected {self.backward_calls} at DeepSpeed's "
+                f"accumulation boundary"
+            )
         self._calls = 0
         lr = self.scheduler.get_last_lr()[0]
         self.engine.step()

@@ -113,15 +113,3 @@ class Span:
             lo = max(lo, (q_first + shift) // g * g - shift)
             hi = min(hi, ((q_last + shift) // g + 1) * g - shift)
         return lo, hi
-
-    def query_range(self, k_first: int, k_last: int, shift: int = 0) -> tuple[int, int | None]:
-        """Global query positions ``[lo, hi)`` that may see keys ``k_first..k_last`` (``hi`` None:
-        unbounded). Keys that are sinks are seen by every later query."""
-        lo, hi = (k_first if self.causal else 0), None
-        if self.window:
-            hi = k_last + self.window
-        if self.group and k_first >= self.n_sink:
-            g = self.group
-            lo = max(lo, (k_first + shift) // g * g - shift)
-            hi = ((k_last + shift) // g + 1) * g - shift
-        return lo, hi
