@@ -15,7 +15,6 @@ from lsts.train.metrics import (
     STANDARD_KEYS,
     TB_DIR,
     MetricsLogger,
-    StepTimer,
     device_peak_flops,
     mfu,
     peak_flops_by_name,
@@ -139,10 +138,3 @@ def test_peak_flops_by_device_name(name, dtype, peak):
 
 def test_mfu_is_model_flops_over_the_peak_of_all_devices():
     assert mfu(6e9, 1e5, 4, 1e15) == pytest.approx(6e9 * 1e5 / 4e15)
-
-
-def test_step_timer_measures_throughput():
-    timer = StepTimer("cpu")
-    sum(range(10_000))
-    rate = timer.lap(1000)
-    assert timer.seconds > 0 and rate == pytest.approx(1000 / timer.seconds)

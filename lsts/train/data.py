@@ -283,27 +283,15 @@ class Batch:
 
     ``positions`` are RoPE ids at this rank's global columns (restarting at every segment);
     ``cu_seqlens[row]`` (int32, global) are that row's segment boundaries, one tensor per row since
-    the attention API takes one set per call: pass it when ``doc_masking``. ``n_tokens`` counts the
-    trained labels of this dp rank's whole (unsharded) batch, for a token-weighted loss."""
+    the attention API takes one set per call: pass it when ``doc_masking``."""
 
     tokens: torch.Tensor  # [B, S_local] int64
     labels: torch.Tensor  # [B, S_local] int64, IGNORE_INDEX where nothing is trained
     positions: torch.Tensor  # [B, S_local] int64
     cu_seqlens: list[torch.Tensor]  # B × [n_segments + 1] int32
-    n_tokens: int
     epoch: int
     windows: list[int]  # the rows' window indices in the epoch's stream
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.tokens.to(device),
-            self.labels.to(device),
-            self.positions.to(device),
-            [c.to(device) for c in self.cu_seqlens],
-            self.n_tokens,
-            self.epoch,
-            self.windows,
-        )
 
 
 def pack_window(tokens: np.ndarray, doc_starts: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -392,7 +380,6 @@ class PackedDataLoader:
             labels=labels[:, cols],
             positions=positions[:, cols],
             cu_seqlens=[torch.from_numpy(r[3]).to(torch.int32) for r in rows],
-            n_tokens=int((labels != IGNORE_INDEX).sum()),
             epoch=self.epoch,
             windows=windows,
         )

@@ -238,33 +238,12 @@ def mfu(flops_per_token: float, tokens_per_sec: float, n_devices: int, peak: flo
     return flops_per_token * tokens_per_sec / (n_devices * peak)
 
 
-class StepTimer:
-    """Wall time and token throughput from one `lap` to the next (the first from construction).
-
-    On CUDA it synchronizes ``device`` before reading the clock, so that kernels still queued are
-    counted in the step that launched them.
-    """
-
-    def __init__(self, device: torch.device | str | None = None) -> None:
-        self.device = torch.device(device) if device is not None else None
-        self.seconds = 0.0
-        self._last = time.perf_counter()
-
-    def lap(self, tokens: int) -> float:
-        """Tokens per second since the previous lap; the interval is left in ``self.seconds``."""
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds, self._last = now - self._last, now
-        return tokens / self.seconds if self.seconds > 0 else 0.0
-
 
 __all__ = [
     "JSONL",
     "STANDARD_KEYS",
     "TB_DIR",
     "MetricsLogger",
-    "StepTimer",
     "device_peak_flops",
     "mfu",
     "peak_flops_by_name",

@@ -32,7 +32,7 @@ from lsts.parallel.parallelize import check_supported, gradient_scale, paralleli
 from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
 from lsts.train import zero
 from lsts.train.checkpoint import Checkpointer, checkpoint_contents, checkpoint_dir, latest_checkpoint, read_info
-from lsts.train.data import build_data
+from lsts.train.data import IGNORE_INDEX, build_data
 from lsts.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tup
     for _ in range(cfg.train.grad_accum):
         batch = next(batches)
         micro.append(batch)
-        local_tokens += int((batch.labels != -100).sum())
+        local_tokens += int((batch.labels != IGNORE_INDEX).sum())
     total = local_tokens.clone()
     dist.all_reduce(total, group=dp_cp_group)  # every rank divides by the same global count
     n_total = int(total.item())
