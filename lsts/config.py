@@ -206,6 +206,7 @@ class TrainConfig:
         "auto (= --resume=auto): continue from it if there is one, else start at step 0; false: start at step 0",
     )
     log_every: int = _f(1, "steps between log lines (and metrics.jsonl records)")
+    compile: bool = _f(False, "torch.compile each transformer block (whole-graph where attention is local)")
 
 
 @dataclass

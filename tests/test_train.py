@@ -169,6 +169,15 @@ def test_memory_passes_change_nothing_but_memory(tmp_path, name, memory):
     _assert_same_run(recomputed, plain, tol=1e-6)
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_compiled_blocks_train_like_eager(tmp_path, world):
+    """train.compile: each block through inductor (whole-graph on one rank; ring attention on two
+    keeps its collectives outside the graph) gives the eager run's losses and gradient norms."""
+    eager = _run(tmp_path, "eager", world, "--steps=3")
+    compiled = _run(tmp_path, "compiled", world, "--steps=3", "--train.compile=true")
+    _assert_same_run(compiled, eager, tol=1e-4)
+
+
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
     out = str(tmp_path / "nan")
     run_ranks(_train_on_ranks, 1, out, ["--steps=2"])

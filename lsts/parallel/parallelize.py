@@ -77,6 +77,7 @@ def parallelize(
     param_dtype: torch.dtype,
     activation_offload: bool = False,
     mlp_tile_tokens: int = 0,
+    compile_blocks: bool = False,
 ) -> torch.nn.Module:
     """Apply tensor parallelism, the memory passes (feed-forward tiling, activation checkpointing
     with optional offload; `lsts.parallel.memory`) and the data-parallel engine to ``model`` (in
@@ -93,6 +94,12 @@ def parallelize(
         for i, (name, block) in enumerate(list(model.layers.named_children())):
             if activation_checkpoint == "full" or i % 2 == 0:
                 model.layers.register_module(name, checkpoint_block(block, offload=activation_offload))
+    if compile_blocks:
+        # Per block, as torchtitan does: one graph compiled once and reused by every layer. Local
+        # attention traces whole; sequence-parallel attention keeps its collectives and host-side
+        # checks outside the graph (a break at each attention call).
+        for block in model.layers.children():
+            block.compile(fullgraph=dims.cp == 1)
     if dims.dp * dims.cp == 1 or dp_engine.startswith("zero"):
         return model
     if dp_engine == "fsdp2":

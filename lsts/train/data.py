@@ -293,7 +293,6 @@ class Batch:
     windows: list[int]  # the rows' window indices in the epoch's stream
 
 
-
 def pack_window(tokens: np.ndarray, doc_starts: np.ndarray) -> tuple[np.ndarray, ...]:
     """Inputs, labels, positions and cu_seqlens of a window of ``S + 1`` tokens whose documents
     begin at the window offsets ``doc_starts`` (each in ``(0, S]``)."""

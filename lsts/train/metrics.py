@@ -238,7 +238,6 @@ def mfu(flops_per_token: float, tokens_per_sec: float, n_devices: int, peak: flo
     return flops_per_token * tokens_per_sec / (n_devices * peak)
 
 
-
 __all__ = [
     "JSONL",
     "STANDARD_KEYS",

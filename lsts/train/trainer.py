@@ -148,6 +148,7 @@ class MASFormerJob:
         model = parallelize(
             model, dims, mesh, p.dp_engine, p.activation_checkpoint, param_dtype=dtype,
             activation_offload=p.activation_offload, mlp_tile_tokens=p.mlp_tile_tokens,
+            compile_blocks=cfg.train.compile,
         )  # fmt: skip
         return _build_update(cfg, model, dims, mesh, device, dtype), flops_per_token
 

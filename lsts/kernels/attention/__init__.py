@@ -193,6 +193,10 @@ def attention(
     scale = default_scale(q.shape[-1], softmax_scale)
     docs = as_documents(cu_seqlens, q.device, q_offset + q.shape[1], k_offset + k.shape[1])
     offsets = (int(q_offset), int(k_offset))
+    if torch.compiler.is_compiling():  # an opaque op: the planning reads tensor values (`op` module)
+        from lsts.kernels.attention.op import compiled_attention
+
+        return compiled_attention(q, k, v, sinks, scale, span, backend, *offsets, docs, float(softcap))
     return _LocalAttention.apply(q, k, v, sinks, scale, span, backend, *offsets, docs, float(softcap))
 
 
