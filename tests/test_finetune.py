@@ -249,3 +249,11 @@ def test_shipped_finetune_configs_load_and_validate():
     for path in paths:
         cfg = load_finetune_config(["--config", str(path)])
         assert cfg.finetune.method in ("lora", "longlora", "sinklora", "full") and cfg.finetune.model
+
+
+def test_tiled_mlp_and_compiled_layers_train_like_the_plain_run(checkpoint, tmp_path):
+    plain = _run(checkpoint, str(tmp_path / "plain"), 1, method="lora", steps=2)
+    tiled = _run(checkpoint, str(tmp_path / "tiled"), 1, "--parallel.mlp_tile_tokens=24", method="lora", steps=2)
+    _assert_same_run(tiled, plain)
+    compiled = _run(checkpoint, str(tmp_path / "compiled"), 1, "--train.compile=true", method="lora", steps=2)
+    _assert_same_run(compiled, plain, tol=1e-4)

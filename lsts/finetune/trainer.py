@@ -36,6 +36,7 @@ from lsts.finetune.recipes import export_merged, load_extended, prepare, recipe
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.hf import attention_modules
 from lsts.parallel.dims import ParallelDims
+from lsts.parallel.memory import tile_tokens
 from lsts.parallel.parallelize import check_supported
 from lsts.train import zero
 from lsts.train.data import IGNORE_INDEX
@@ -157,6 +158,11 @@ class FinetuneJob:
                 "finetune.s2_variant=roll (an ablation) rolls one whole sequence on one device: set the context "
                 "parallel degrees to 1 and data.doc_masking=false"
             )
+        if cfg.parallel.activation_offload:
+            raise ValueError(
+                "parallel.activation_offload: fine-tuning checkpoints through transformers' own per-layer "
+                "checkpointing, which keeps its inputs on the device; drop the flag (launch/train.py takes it)"
+            )
         if getattr(c, "attention_dropout", 0.0):
             raise ValueError(
                 f"{cfg.finetune.model}: attention_dropout = {c.attention_dropout}; lsts attention has none, set it to 0"
@@ -173,6 +179,11 @@ class FinetuneJob:
                 lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for layer in model.causal_lm.get_decoder().layers:
+            if cfg.parallel.mlp_tile_tokens:
+                layer.mlp = tile_tokens(layer.mlp, cfg.parallel.mlp_tile_tokens)  # every decoder's MLP is token-wise
+            if cfg.train.compile:  # per layer; lsts attention's host-side work stays outside the graph
+                layer.compile()
         n_params = sum(p.numel() for p in model.parameters())
         flops_per_token = 6 * n_params  # attention's share is small at these widths; MFU is approximate
         if cfg.parallel.dp_engine in zero.ZERO_STAGES:
