@@ -222,7 +222,7 @@ class SequenceParallelLoader:
                 pack, error = pack_batch(next(it)), None
             except StopIteration:
                 pack, error = None, None
-            except Exception as e:
+            except Exception as e:  # any failure here is reported to the whole group: raising alone would hang it
                 pack, error = None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             packs = self.sp.gather_packs(pack, error)
             if packs is None:
