@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lsts.attention import AttentionContext
-from lsts.kernels.attention import CAUSAL, Span
+from lsts.kernels.attention import Span
 from lsts.models.hf.attention import attention_modules, use_lsts_attention
 from lsts.parallel import init_process_group, shard_sequence
 from lsts.parallel.dims import ParallelDims
@@ -362,7 +362,7 @@ def sequence_parallel(
     ulysses: int | None = None,
     layout: str = "zigzag",
     backend: str = "auto",
-    span: Span | list[Span] = CAUSAL,
+    span: Span | list[Span | None] | None = None,
 ) -> SequenceParallel:
     """Run ``model``'s attention on lsts, each sequence sharded over ``cp`` ranks by ``mode``
     (``"ring"``, ``"ulysses"``, or ``"hybrid"``: ``ulysses`` ranks per Ulysses group × ``cp/ulysses``
