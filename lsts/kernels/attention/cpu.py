@@ -132,11 +132,9 @@ def _chunk_fwd(qc, kc, vc, keep, softmax_scale: float, softcap: float):
 
 
 def _chunk_bwd(dout, q, k, v, out, lse, keep, softmax_scale: float, softcap: float):
-    """``(dq, dk, dv)`` of one work item (dk, dv per gathered K/V head)."""
-    if softcap:  # in the accumulation dtype, so that the chunks' dK/dV are summed before rounding
-        acc = lse.dtype
-        inputs = (x.to(acc) for x in (dout, q, k, v, out))
-        return reference.attention_bwd(*inputs, lse, softmax_scale, mask=keep, softcap=softcap)
+    """``(dq, dk, dv)`` of one work item (dk, dv per gathered K/V head), in the inputs' dtype."""
+    if softcap:
+        return reference.attention_bwd(dout, q, k, v, out, lse, softmax_scale, mask=keep, softcap=softcap)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     g = _bwd(t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), 0.0, False, attn_mask=_additive(keep, q.dtype),
              scale=softmax_scale)  # fmt: skip
@@ -168,10 +166,13 @@ def span_attention_bwd(
     dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset: int, k_offset: int, docs=None, softcap=0.0,
     chunk=256,
 ):  # fmt: skip
-    """Gradients of `span_attention_fwd` (``out`` and ``lse`` are global for the queries)."""
-    h = q.shape[2]
+    """Gradients of `span_attention_fwd` (``out`` and ``lse`` are global for the queries). A key's
+    dK/dV sums the contributions of every query chunk that reaches it: they are computed and summed
+    in float32 (float64 for float64) and rounded once, so bf16/fp16 inputs are upcast first (exact)."""
+    h, dtypes = q.shape[2], (q.dtype, k.dtype, v.dtype)
     acc = torch.promote_types(q.dtype, torch.float32)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
+    dout, q, k, v, out = (x.to(acc) for x in (dout, q, k, v, out))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows with no key: P = exp(-inf - 0) = 0, no NaN
     for heads, kv_heads, qs, keys, keep in _chunks(
         span, q.shape[1], k.shape[1], h, k.shape[2], q_offset, k_offset, chunk, docs
@@ -182,4 +183,4 @@ def span_attention_bwd(
         dq[:, qs, heads] = g[0]
         _scatter_keys(dk, g[1], keys, kv_heads)
         _scatter_keys(dv, g[2], keys, kv_heads)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return tuple(grad.to(dtype) for grad, dtype in zip((dq, dk, dv), dtypes))
