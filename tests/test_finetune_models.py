@@ -26,7 +26,7 @@ from lsts.attention import AttentionContext
 from lsts.finetune.recipes import for_evaluation, load_extended, prepare
 from lsts.finetune.trainer import CausalLMLoss
 from lsts.train.checkpoint import latest_checkpoint
-from tests.hf_models import save_tiny_decoder
+from tests.hf_models import save_tiny_decoder, tiny_decoder
 from tests.oracle import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +102,18 @@ def test_longlora_on_two_ranks_exports_a_plain_model_equal_to_the_lora_model(run
         untrained = load_extended(base, SEQ).eval()(tokens).logits
     assert rel_err(untrained, want) > 1e-3  # the training moved the model: the comparison can fail
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("key,value", [("final_logit_softcapping", 30.0), ("logits_scaling", 4.0)])
+def test_a_head_that_transforms_the_logits_is_refused_with_the_setting_to_change(tmp_path, key, value):
+    from lsts.finetune.config import load_finetune_config
+    from lsts.finetune.trainer import FinetuneJob
+
+    model = tiny_decoder("gemma2")
+    setattr(model.config, key, value)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{key} = {value}, which the fine-tuning loss head"):
+        FinetuneJob(load_finetune_config([f"--model={tmp_path}"]))
 
 
 def _finetune_each(root: Path, archs: list[str]) -> None:
