@@ -10,6 +10,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+from transformers.pytorch_utils import Conv1D
 
 from lsts.finetune.positions import extend_positions
 from lsts.finetune.recipes import load_extended
@@ -90,6 +91,16 @@ def test_a_model_without_attention_linears_is_a_clear_error():
     model.config = LlamaConfig()
     with pytest.raises(ValueError, match="model type 'llama': found no linear layers inside attention"):
         lora_targets(model)
+
+
+def test_attention_mixing_conv1d_and_linear_is_a_clear_error():
+    model = nn.Module()
+    model.layers = nn.ModuleList([_NoLinearAttention()])
+    model.layers[0].qkv, model.layers[0].out = Conv1D(12, 4), nn.Linear(4, 4)
+    model.config = LlamaConfig()
+    assert lora_targets(model) == ["layers.0.qkv", "layers.0.out"]
+    with pytest.raises(ValueError, match="mixes Conv1D and Linear LoRA targets"):
+        lora_config(model, r=2, alpha=4)
 
 
 # --- position interpolation ---------------------------------------------------------------------------
