@@ -23,8 +23,9 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM
 
 from lsts.attention import AttentionContext
-from lsts.finetune.recipes import for_evaluation, load_extended, prepare
+from lsts.finetune.recipes import load_extended, prepare
 from lsts.finetune.trainer import CausalLMLoss
+from lsts.models.hf import use_lsts_attention
 from lsts.train.checkpoint import latest_checkpoint
 from tests.hf_models import save_tiny_decoder, tiny_decoder
 from tests.oracle import rel_err
@@ -33,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64  # 2 x the checkpoints' 32 positions; S² groups of 16 fit in the 32-token windows
 CTX = AttentionContext(backend="torch")
 ARCHS = ("mistral", "qwen2", "gemma2", "phi3", "gpt_neox")
-NEEDS_HF_SEMANTICS = pytest.mark.xfail(strict=False, reason="needs the HF attention semantics fix")
 # Keys the export changes on purpose (the extension, the attention the plain load uses) or that
 # record the writer rather than the model.
 CHANGED_KEYS = {"rope_parameters", "max_position_embeddings", "dtype", "transformers_version"}
@@ -68,12 +68,10 @@ def _trained_lora_model(base: Path, out: Path, tmp: Path):
     missing, unexpected = model.load_state_dict(trained, strict=False)
     assert not unexpected and not any("lora_" in k for k in missing)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in trained.items())  # the adapters trained
-    return for_evaluation(model.model, CTX).eval()
+    return use_lsts_attention(model.model, None, CTX).eval()
 
 
-@pytest.mark.parametrize(
-    "arch", [pytest.param(a, marks=NEEDS_HF_SEMANTICS) if a in ("mistral", "gemma2") else a for a in ARCHS]
-)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_longlora_on_two_ranks_exports_a_plain_model_equal_to_the_lora_model(runs, tmp_path, arch):
     base, out = runs[arch]
     errors = sorted(out.parent.glob("error-rank*.txt"))

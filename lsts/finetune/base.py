@@ -28,7 +28,9 @@ def load_base_config(name: str) -> PretrainedConfig:
     kind = config.model_type
     if getattr(config, "is_encoder_decoder", False) or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{name}: a {kind!r} model is not a causal LM; lsts needs {SUPPORTED}")
-    if getattr(config, "is_decoder", None) is False:  # set only by configs of models that can be either
+    # Encoders that can also be decoders (BERT, RoBERTa: token-type embeddings) say so by is_decoder;
+    # decoder-only configs that carry the flag (GPT-NeoX) leave it false.
+    if getattr(config, "is_decoder", None) is False and hasattr(config, "type_vocab_size"):
         raise ValueError(f"{name}: this {kind!r} model is an encoder (is_decoder = false); lsts needs {SUPPORTED}")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if not getattr(model_class, "_supports_attention_backend", False):
