@@ -2,9 +2,22 @@
 interpreted, so on a machine without CUDA the interpreter is switched on here, before any test
 imports lsts: every Triton kernel then runs on CPU tensors (small shapes, fp32/fp16)."""
 
+import logging
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _restore_lsts_logging():
+    """A launcher run in the test process configures the ``lsts`` logger (own handler, no
+    propagation); later tests capture its records through the root logger, so each test gets it back
+    as it found it."""
+    logger = logging.getLogger("lsts")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

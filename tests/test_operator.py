@@ -116,17 +116,6 @@ def test_a_missing_dataset_is_one_line(tmp_path):
     assert_one_clean_error(result, "nope.txt")
 
 
-@pytest.fixture(autouse=True)
-def _restore_lsts_logging():
-    """A launcher run in this process configures the ``lsts`` logger; later tests expect it plain."""
-    import logging
-
-    logger = logging.getLogger("lsts")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
 def _launcher(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
