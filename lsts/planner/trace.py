@@ -142,12 +142,14 @@ def _sequence_parallel_transport(sent: dict[str, int]):
 
 
 def _fake_world(world: int) -> None:
-    """A ``fake`` default process group of ``world`` ranks (this process is rank 0), once."""
+    """A ``fake`` default process group of ``world`` ranks (this process is rank 0), once; a real
+    one is never replaced."""
     if dist.is_initialized():
-        if dist.get_world_size() != world or dist.get_backend() != "fake":
-            dist.destroy_process_group()
-        else:
+        if dist.get_backend() != "fake":
+            raise ValueError("the planner traces with a fake process group: run it in its own process, not in a job")
+        if dist.get_world_size() == world:
             return
+        dist.destroy_process_group()
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
@@ -264,14 +266,17 @@ def _summarize(tracker: MemTracker, loss_fn, sent, sizes) -> StepTrace:
     """The categories at the step's peak; the loss chunk split out of them when the peak falls in
     the loss (the usual case: every activation is still held and the first chunk's logits exist)."""
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    layers, loss_peak, loss_chunk = {}, 0, 0
+    entries, loss_peak, loss_chunk, after_blocks = {}, 0, 0, None
     for module, stats in tracker.memory_tracking.items():
         snaps = stats.snapshots
         if module is loss_fn:
             loss_peak = max(_total(snaps.get(_ModState.PEAK_FW)), _total(snaps.get(_ModState.PEAK_BW)))
             loss_chunk = max(loss_peak - _total(snaps.get(_ModState.PRE_FW)), 0)
         elif block := _BLOCK_FQN.search(stats.mod_fqn):
-            layers[block.group(1)] = _total(snaps.get(_ModState.POST_FW)) - _total(snaps.get(_ModState.PRE_FW))
+            entries[int(block.group(1))] = (_total(snaps.get(_ModState.PRE_FW)), _total(snaps.get(_ModState.POST_FW)))
+        elif stats.mod_fqn.endswith(".norm"):  # the final norm: entered once the last block's input is let go
+            after_blocks = _total(snaps.get(_ModState.PRE_FW))
+    layers = _kept_per_block(entries, after_blocks)
     activations, temporaries = peak[_MemRefType.ACT], peak[_MemRefType.TEMP] + peak[_MemRefType.OTH]
     if loss_peak < peak[_TOTAL]:
         loss_chunk = 0  # the peak is elsewhere: the loss adds nothing to it
@@ -283,10 +288,19 @@ def _summarize(tracker: MemTracker, loss_fn, sent, sizes) -> StepTrace:
         activations=activations - (loss_chunk - from_temporaries),
         temporaries=temporaries - from_temporaries,
         loss_chunk=loss_chunk,
-        layers=dict(sorted(layers.items(), key=lambda kv: int(kv[0]))),
+        layers=layers,
         sent=sent,
         **sizes,
     )
+
+
+def _kept_per_block(entries: dict[int, tuple[int, int]], after_blocks: int | None) -> dict[str, int]:
+    """What each block leaves alive for backward: the growth from its entry to the next block's
+    entry (by then its input, unless saved, is gone); the last block's up to the final norm (a
+    stage without one: to its own exit, which also counts its output)."""
+    order = sorted(entries)
+    ends = [entries[i][0] for i in order[1:]] + [after_blocks if after_blocks is not None else entries[order[-1]][1]]
+    return {str(i): end - entries[i][0] for i, end in zip(order, ends)} if order else {}
 
 
 def _total(snapshots) -> int:
