@@ -39,14 +39,14 @@ def _plan_json(tmp_path, *args) -> dict:
     return json.loads(done.stdout)
 
 
-def _measure(tmp_path, *args) -> dict:
+def _measure(tmp_path, *args, env=None) -> dict:
     """``mem_gib`` of the last step and the sequence-parallel bytes rank 0 sent per step."""
     out = tmp_path / "run"
     counted = tmp_path / "sent.json"
     script = os.path.join(ROOT, "tests", "plan_measure.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
     cmd = [*torchrun, script, str(counted), *RUN, f"--out={out}", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**_env(tmp_path), **(env or {})}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out / "metrics.jsonl") as f:
         mem = [json.loads(line)["mem_gib"] for line in f][-1]
@@ -58,20 +58,25 @@ def _measure(tmp_path, *args) -> dict:
 NO_AC, FULL_AC = "--parallel.activation_checkpoint=none", "--parallel.activation_checkpoint=full"
 TILES_OFFLOAD = ["--parallel.mlp_tile_tokens=1024", FULL_AC, "--parallel.activation_offload=true"]
 SLOW = pytest.mark.slow
+# glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; later blocks below
+# it come from the heap, whose freed holes stay resident. At 64K tokens the fragments of 8-24 MiB
+# activations add ~0.2 GiB that no tensor accounts for (measured: 1.11 GiB against 0.83 with the
+# threshold fixed; docs/benchmarks.md). The planner counts tensors, so that run fixes the threshold.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 GRID = [
-    pytest.param(["--seq-len=16384", NO_AC], id="16k-no-ac"),
-    pytest.param(["--seq-len=16384", FULL_AC], id="16k-full-ac"),
-    pytest.param(["--seq-len=32768", NO_AC], id="32k-no-ac", marks=SLOW),
-    pytest.param(["--seq-len=32768", FULL_AC], id="32k-full-ac", marks=SLOW),
-    pytest.param(["--seq-len=32768", *TILES_OFFLOAD], id="32k-tiles-offload", marks=SLOW),
-    pytest.param(["--seq-len=65536", FULL_AC], id="64k-full-ac", marks=SLOW),
+    pytest.param(["--seq-len=16384", NO_AC], None, id="16k-no-ac"),
+    pytest.param(["--seq-len=16384", FULL_AC], None, id="16k-full-ac"),
+    pytest.param(["--seq-len=32768", NO_AC], None, id="32k-no-ac", marks=SLOW),
+    pytest.param(["--seq-len=32768", FULL_AC], None, id="32k-full-ac", marks=SLOW),
+    pytest.param(["--seq-len=32768", *TILES_OFFLOAD], None, id="32k-tiles-offload", marks=SLOW),
+    pytest.param(["--seq-len=65536", FULL_AC], FIXED_MMAP, id="64k-full-ac-fixed-mmap", marks=SLOW),
 ]
 
 
-@pytest.mark.parametrize("args", GRID)
-def test_predicted_peak_rss_and_ring_bytes_match_a_two_rank_cpu_run(tmp_path, args):
+@pytest.mark.parametrize(("args", "env"), GRID)
+def test_predicted_peak_rss_and_ring_bytes_match_a_two_rank_cpu_run(tmp_path, args, env):
     predicted = _plan_json(tmp_path, "--nproc=2", *RUN, *args)
-    measured = _measure(tmp_path, *args)
+    measured = _measure(tmp_path, *args, env=env)
     error = predicted["peak_gib_per_rank"] / measured["mem_gib"] - 1
     comm = predicted["comm_bytes"]
     # The rows of the validation table in docs/benchmarks.md (pytest -s shows them).

@@ -182,7 +182,9 @@ def predict(cfg: Config, nproc: int, gpu: str | None = None, baseline: dict | No
     b = torch.empty((), dtype=dtype).element_size()
     docs = documents_for(cfg)
     stages = sorted({0, dims.pp - 1})
-    traces = [trace_step(cfg, dims, _activation_dtype(cfg, dims, dtype), stage, docs) for stage in stages]
+    engine = dims.dp * dims.cp > 1  # its gradients and optimizer state are a formula: not traced
+    act_dtype = _activation_dtype(cfg, dims, dtype)
+    traces = [trace_step(cfg, dims, act_dtype, stage, docs, keep_grads=not engine) for stage in stages]
     in_flight = _in_flight(cfg, dims)
     t = max(traces, key=lambda tr: tr.activations * in_flight + tr.temporaries + tr.params)
     activations = t.activations * in_flight

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -192,9 +193,16 @@ def documents_for(cfg: Config) -> list[int] | None:
     return list(first) if first is not None else [0, cfg.data.seq_len]
 
 
-def trace_step(cfg: Config, dims: ParallelDims, dtype: torch.dtype, stage: int = 0, documents=None) -> StepTrace:
+def trace_step(
+    cfg: Config, dims: ParallelDims, dtype: torch.dtype, stage: int = 0, documents=None, keep_grads: bool = True
+) -> StepTrace:
     """Trace two training steps of rank 0 of ``dims`` (pipeline ``stage``) for ``cfg``'s model,
-    sequence, memory passes and loss; ``documents``: global boundaries (`documents_for`)."""
+    sequence, memory passes and loss; ``documents``: global boundaries (`documents_for`).
+
+    ``keep_grads=False`` drops each parameter's gradient as soon as it is complete: a data-parallel
+    engine reduces it away from the traced module (its shard is the engine's, added by formula),
+    and an unsharded gradient piling up through the backward would move the traced peak to where
+    it is not. The optimizer state is then not traced either."""
     p, seq = cfg.parallel, cfg.data.seq_len
     local = seq // dims.cp
     sent: dict[str, int] = defaultdict(int)
@@ -219,7 +227,12 @@ def trace_step(cfg: Config, dims: ParallelDims, dtype: torch.dtype, stage: int =
         tracker = MemTracker()
         tracker.track_external(model, optimizer, loss_fn)
         last = model.output_weight if (model.norm is not None) else None
-        with tracker:
+        if not keep_grads:
+            for weight in model.parameters():
+                weight.register_post_accumulate_grad_hook(_drop_grad)
+        with tracker, warnings.catch_warnings():
+            # The tracker's gradient hook runs after ours and finds the dropped gradient gone.
+            warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass", UserWarning)
             for _ in range(2):
                 tracker.reset_mod_stats()  # MemTracker keeps one iteration's per-module records
                 sent.clear()
@@ -236,6 +249,10 @@ def trace_step(cfg: Config, dims: ParallelDims, dtype: torch.dtype, stage: int =
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return _summarize(tracker, loss_fn, dict(sent), sizes)
+
+
+def _drop_grad(weight: torch.Tensor) -> None:
+    weight.grad = None
 
 
 def _build(cfg: Config, dtype: torch.dtype) -> MASFormer:
