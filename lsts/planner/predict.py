@@ -153,7 +153,7 @@ def _comm_bytes(cfg: Config, dims: ParallelDims, t: StepTrace, b: int) -> dict:
     return out
 
 
-def _flops(cfg: Config, dims: ParallelDims, t: StepTrace) -> tuple[float, float]:
+def _flops(cfg: Config, dims: ParallelDims) -> tuple[float, float]:
     """``(model FLOPs of the step, this rank's FLOPs with recomputation)``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -195,7 +195,7 @@ def predict(cfg: Config, nproc: int, gpu: str | None = None, baseline: dict | No
         "temporaries": t.temporaries,
         "loss_chunk": t.loss_chunk,
     }
-    step_flops, rank_flops = _flops(cfg, dims, t)
+    step_flops, rank_flops = _flops(cfg, dims)
     comm = _comm_bytes(cfg, dims, t, b)
     if gpu is None:
         base = baseline if baseline is not None else measure_baseline(cfg, dims)

@@ -6,7 +6,8 @@ that the trainer accepts for the model, with activation checkpointing none / ful
 offload (offload only where it frees memory: on a GPU) and feed-forward tiles off or on (4096
 tokens), the loss chunk as configured. Each is predicted at the configured sequence length
 (`lsts.planner.predict.predict`, a full trace); for those that fit, the longest sequence comes from
-two more traces at short lengths and the affine fit of `longest_sequence`. Ordered by the roofline
+one more trace at a short length and the affine fit of `longest_sequence` through both (not
+verified by a trace at the answer). Ordered by the roofline
 step time on a GPU, by FLOPs per rank (with recomputation) on CPU, then by peak memory.
 """
 
@@ -52,13 +53,17 @@ def candidates(cfg: Config, nproc: int, gpu: str | None):
         yield c
 
 
-def longest_sequence(cfg: Config, nproc: int, gpu: str | None, budget: float, baseline: dict | None = None,
-                     verify: bool = True) -> int:  # fmt: skip
+def longest_sequence(
+    cfg: Config, nproc: int, gpu: str | None, budget: float, baseline: dict | None = None, verify: bool = True,
+    known: Prediction | None = None,
+) -> int:  # fmt: skip
     """The longest ``data.seq_len`` (a multiple of the layout's divisor) whose predicted peak is
-    within ``budget`` bytes: traces at two short lengths fit peak = a + c·S (every term is affine in
-    S: activations, chunked attention and ring buffers grow with it, parameters and the loss chunk
-    do not), then with ``verify`` traces at the answer step it down by 5 % until it fits. 0 when
-    even the shortest does not fit."""
+    within ``budget`` bytes: traces at a short length and a longer one fit peak = a + c·S (every
+    term grows with S or not at all: activations, chunked attention, ring buffers; parameters, the
+    loss chunk), then with ``verify`` traces at the answer step it down by 5 % until it fits. 0 when
+    even the short one does not fit. ``known``: the prediction at ``cfg``'s own length, the longer
+    point when it is longer (the further apart, the truer the slope: on Llama-3-8B two points at
+    2K and 4K tokens under-estimate it by 16 %)."""
     div = cfg.parallel.seq_len_divisor
 
     def prediction(s: int) -> Prediction:
@@ -69,12 +74,14 @@ def longest_sequence(cfg: Config, nproc: int, gpu: str | None, budget: float, ba
     # Long enough for window spans, loss chunks and feed-forward tiles (per rank) to be in their linear regime.
     shortest = max(2048, 2 * cfg.parallel.mlp_tile_tokens * cfg.parallel.cp)
     s1 = -(-shortest // div) * div
-    first, second = prediction(s1), prediction(2 * s1)
+    first = prediction(s1)
     if first.peak_bytes > budget:
         return 0
+    s2 = cfg.data.seq_len if known is not None and cfg.data.seq_len > s1 else 2 * s1
+    second = known if s2 == cfg.data.seq_len else prediction(s2)
     # The sum of the parts (the CPU start-up's own transient peak is no function of S).
     p1, p2 = sum(first.memory.values()), sum(second.memory.values())
-    s = int(s1 + (budget - p1) * s1 / max(p2 - p1, 1)) // div * div
+    s = int(s1 + (budget - p1) * (s2 - s1) / max(p2 - p1, 1)) // div * div
     while verify and s > s1 and prediction(s).peak_bytes > budget:
         s = max(int(s * 0.95) // div * div, s1)
     return s
@@ -100,7 +107,7 @@ def search(cfg: Config, nproc: int, gpu: str | None, budget: float) -> list[dict
             "layout": p.layout,
             "peak_gib": p.peak_gib,
             "step_s": p.step_time_s["step"] if p.step_time_s else None,
-            "longest_seq_len": longest_sequence(c, nproc, gpu, budget, baseline, verify=False),
+            "longest_seq_len": longest_sequence(c, nproc, gpu, budget, baseline, verify=False, known=p),
         }
         for c, p in fits
     ]

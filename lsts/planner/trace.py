@@ -238,14 +238,13 @@ def trace_step(
                 sent.clear()
                 if model.tok_embeddings is not None:
                     inputs = fake.from_tensor(torch.zeros(1, local, dtype=torch.long))
-                else:  # a later pipeline stage receives hidden states
-                    inputs = torch.zeros(1, local, cfg.model.dim, dtype=dtype)
+                else:  # a later pipeline stage receives hidden states, and sends their gradient back
+                    inputs = torch.zeros(1, local, cfg.model.dim, dtype=dtype, requires_grad=True)
                 hidden = model(inputs, fake.from_tensor(positions), ctx)
                 if last is not None:
-                    loss = loss_fn(hidden, last, fake.from_tensor(torch.zeros(local, dtype=torch.long)))
-                else:  # a middle pipeline stage: the gradient of its output arrives from the next stage
-                    loss = (hidden.float() * 0).sum()
-                loss.backward()
+                    loss_fn(hidden, last, fake.from_tensor(torch.zeros(local, dtype=torch.long))).backward()
+                else:  # an earlier pipeline stage: the gradient of its output arrives from the next one
+                    hidden.backward(torch.zeros_like(hidden))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return _summarize(tracker, loss_fn, dict(sent), sizes)
