@@ -96,6 +96,7 @@ def test_json_holds_the_breakdown_and_the_model_flops(tmp_path):
     cfg = load_config(args)
     assert p["step_flops"] == MASFormer(cfg.model).flops_per_token(512) * 512  # the trainer's MFU numerator
     assert sorted(p["layers"], key=int) == ["0", "1"]
+    assert p["comm_buffers_in_activations"] == 0 and p["comm_bytes"] == {}  # one rank sends nothing
 
 
 def test_gpu_prediction_counts_bf16_weights_and_adam_state_and_a_roofline(tmp_path):

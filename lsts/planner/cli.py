@@ -79,6 +79,10 @@ def report(p, budget: float) -> str:
         f"peak per rank: {_gib(p.peak_bytes)} ({'fits' if p.peak_bytes <= budget else 'does NOT fit'} {_gib(budget)})",
     ]
     lines += [f"  {k:<16}{_gib(v):>14}" for k, v in p.memory.items()]
+    buffers = _gib(p.comm_buffers_in_activations)
+    lines.append(f"  ring / all-to-all receive buffers at their most: {buffers} (counted above)")
+    if p.host_offload_bytes:
+        lines.append(f"  offloaded to host memory: {_gib(p.host_offload_bytes)}")
     if p.layers:
         kept = sorted(set(p.layers.values()))
         lines.append("  activations kept per block: " + ", ".join(_gib(v) for v in kept))

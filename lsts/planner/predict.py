@@ -90,6 +90,9 @@ class Prediction:
     step_time_s: dict | None  # roofline on the named device; None on CPU
     device: str
     host_offload_bytes: int = 0  # checkpointed block inputs waiting in host memory (GPU with offload)
+    # The most bytes of sequence-parallel receive buffers (ring K/V and dK/dV in flight, all-to-all
+    # outputs) alive at once: part of "activations" and "temporaries", shown on their own.
+    comm_buffers_in_activations: int = 0
 
     @property
     def peak_gib(self) -> float:
@@ -210,7 +213,7 @@ def predict(cfg: Config, nproc: int, gpu: str | None = None, baseline: dict | No
     layout = {**dims.to_dict(), **_memory_modes(cfg), "seq_len": cfg.data.seq_len}
     peak = max(sum(memory.values()), start_peak)
     return Prediction(layout, memory, peak, t.layers, comm, step_flops, rank_flops, time_s, device,
-                      offloaded)  # fmt: skip
+                      offloaded, t.receive_buffers)  # fmt: skip
 
 
 def _memory_modes(cfg: Config) -> dict:

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import re
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -62,6 +63,7 @@ class StepTrace:
     loss_chunk: int  # what the chunked loss adds at the peak (0 when the peak is outside it)
     layers: dict[str, int] = field(default_factory=dict)  # activations each block leaves for backward
     sent: dict[str, int] = field(default_factory=dict)  # sequence-parallel bytes sent, by transport
+    receive_buffers: int = 0  # most bytes of ring / all-to-all receive buffers alive at once (inside the above)
     block_params: int = 0  # elements of the largest transformer block (for FSDP's buffers)
     root_params: int = 0  # elements outside the blocks (embedding, final norm, output)
     local_params: int = 0  # elements of this rank's model (tp-sliced, pipeline stage)
@@ -101,10 +103,28 @@ class _Loss(nn.Module):
         )[0]
 
 
+class _LiveBytes:
+    """Bytes of the followed tensors alive now, and the most at once."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def follow(self, t: torch.Tensor) -> torch.Tensor:
+        nbytes = t.untyped_storage().nbytes()
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(t, self._release, nbytes)
+        return t
+
+    def _release(self, nbytes: int) -> None:
+        self.now -= nbytes
+
+
 @contextlib.contextmanager
-def _sequence_parallel_transport(sent: dict[str, int]):
+def _sequence_parallel_transport(sent: dict[str, int], received: _LiveBytes):
     """Replace the ring's P2P, the halo exchange and the Ulysses all-to-all by local stand-ins that
-    allocate what the real ones allocate and add the bytes they would send to ``sent``."""
+    allocate what the real ones allocate and add the bytes they would send to ``sent``; the ring's
+    and the all-to-all's receive buffers are followed by ``received``."""
     import lsts.parallel.checks as checks
     import lsts.parallel.halo as halo
     import lsts.parallel.ulysses as ulysses
@@ -113,7 +133,7 @@ def _sequence_parallel_transport(sent: dict[str, int]):
     def send_recv(comm, tensor):
         sent["ring"] += tensor.numel() * tensor.element_size()
         comm.messages_sent += 1
-        return torch.empty_like(tensor.contiguous())
+        return received.follow(torch.empty_like(tensor.contiguous()))
 
     def exchange(group, outgoing, incoming):
         sent["halo"] += sum(t.numel() * t.element_size() for _, t in outgoing)
@@ -122,7 +142,7 @@ def _sequence_parallel_transport(sent: dict[str, int]):
         world = dist.get_world_size(group)
         nbytes = x.numel() * x.element_size() * (world - 1) // world  # our own slab stays
         sent["ulysses"] += nbytes
-        out = real_all_to_all(x, scatter_dim, gather_dim, group)
+        out = received.follow(real_all_to_all(x, scatter_dim, gather_dim, group))
         if out.requires_grad:  # the backward sends the gradient the same way back
 
             def count_backward(grad):
@@ -213,7 +233,9 @@ def trace_step(
         ctx = ONE_RANK.attention_context(None, cfg.kernels.attention, p.layout)
     ctx = ctx.with_documents(documents)
     positions = _positions(seq, dims.cp, p.layout)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake, _PlausibleReads(), _sequence_parallel_transport(sent):
+    received = _LiveBytes()
+    transport = _sequence_parallel_transport(sent, received)
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake, _PlausibleReads(), transport:
         model = _build(cfg, dtype)
         if dims.tp > 1:
             _slice_for_tensor_parallel(model, dims.tp)
@@ -247,7 +269,7 @@ def trace_step(
                     hidden.backward(torch.zeros_like(hidden))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        return _summarize(tracker, loss_fn, dict(sent), sizes)
+        return _summarize(tracker, loss_fn, dict(sent), sizes, received.peak)
 
 
 def _drop_grad(weight: torch.Tensor) -> None:
@@ -278,7 +300,7 @@ def _param_sizes(model: MASFormer) -> dict[str, int]:
     return {"local_params": total, "block_params": max(blocks, default=0), "root_params": total - sum(blocks)}
 
 
-def _summarize(tracker: MemTracker, loss_fn, sent, sizes) -> StepTrace:
+def _summarize(tracker: MemTracker, loss_fn, sent, sizes, receive_buffers: int) -> StepTrace:
     """The categories at the step's peak; the loss chunk split out of them when the peak falls in
     the loss (the usual case: every activation is still held and the first chunk's logits exist)."""
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
@@ -306,6 +328,7 @@ def _summarize(tracker: MemTracker, loss_fn, sent, sizes) -> StepTrace:
         loss_chunk=loss_chunk,
         layers=layers,
         sent=sent,
+        receive_buffers=receive_buffers,
         **sizes,
     )
 
