@@ -22,7 +22,7 @@ import math
 import torch
 
 from lsts.kernels.attention import cpu, reference
-from lsts.kernels.attention.documents import Documents
+from lsts.kernels.attention.documents import Documents, attend_rows, document_rows
 from lsts.kernels.attention.merge import merge_into
 from lsts.kernels.attention.spans import Span
 from lsts.kernels.backend import resolve_backend as _resolve
@@ -32,9 +32,11 @@ __all__ = [
     "FULL",
     "Documents",
     "Span",
+    "attend_rows",
     "attention",
     "attention_bwd",
     "attention_fwd",
+    "document_rows",
     "merge_into",
     "resolve_backend",
 ]
@@ -163,11 +165,16 @@ def attention(
     ``q_offset + i`` and ``k_offset + j``, so any two blocks of a longer sequence can be attended.
 
     ``cu_seqlens`` (varlen): boundaries ``[0, ..., N]`` of documents packed in the *global*
-    sequence (or a prepared `Documents`); attention then stays inside each document. Every row of
-    the batch shares them (pack one sequence per row, or use batch 1). A query with no visible key
-    gets ``out = 0`` and ``lse = -inf``."""
+    sequence (or a prepared `Documents`); attention then stays inside each document. One list is
+    shared by every row of the batch; a 2-D ``[B, n + 1]`` tensor or a list of per-row lists gives
+    each row its own (one call per distinct row documents). A query with no visible key gets
+    ``out = 0`` and ``lse = -inf``."""
     if softcap or sinks is not None:
         raise ValueError("softcap / sinks: not implemented yet")
+    rows = document_rows(cu_seqlens, q.shape[0])
+    if rows is not None:
+        kw = dict(causal=causal, softmax_scale=softmax_scale, backend=backend, span=span, q_offset=q_offset)
+        return attend_rows(attention, rows, q, k, v, with_lse=True, k_offset=k_offset, **kw)
     check_qkv(q, k, v)
     span = span if span is not None else (CAUSAL if causal else FULL)
     backend = resolve_backend(backend, q.device)
