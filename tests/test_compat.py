@@ -295,6 +295,12 @@ def _clear_errors(rank, world):
     q = torch.randn(1, 8, H, D)
     return {
         "ring stripe with documents": _error(lambda: ring_attention(q, q, q, layout="stripe", cu_seqlens=[0, 5, 16])),
+        # Rank 1 has a third row: without the row plan in the first call's checks it would wait forever.
+        "rows differ across ranks": _error(
+            lambda: ring_attention(
+                *[torch.randn(2 + rank, 8, H, D)] * 3, cu_seqlens=[*ROWS[:2], [0, 8, 16]][: 2 + rank]
+            )
+        ),
         "LongContextAttention on groups of no mesh": _error(
             lambda: compat.LongContextAttention(ulysses_pg=dist.group.WORLD, ring_pg=dist.group.WORLD)(q, q, q)
         ),
@@ -360,6 +366,7 @@ def test_unsupported_layout_combinations_name_the_supported_ones(world_2):
     for _, messages in world_2:
         assert "'zigzag' or 'contiguous'" in messages["ring stripe with documents"]
         assert "hybrid attention supports the layouts ('contiguous', 'zigzag')" in messages["hybrid with stripe"]
+        assert "rows with own documents must be the same on every rank" in messages["rows differ across ranks"]
         assert (
             "ring rank (members of one Ulysses group) must be the same"
             in messages["LongContextAttention on groups of no mesh"]

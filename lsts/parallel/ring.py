@@ -118,12 +118,13 @@ def document_fields(docs: Documents | None) -> dict[str, int]:
     """What every rank must agree on about the packed documents: their count, a checksum, and for a
     batch whose rows have their own documents, its rows and calls (the same keys in every case)."""
     if docs is None:
-        return {"packed documents": 0, "document boundary checksum": 0, "per-row documents: rows, calls": 0}
+        return {"packed documents": 0, "document boundary checksum": 0, "rows with own documents": 0, "row calls": 0}
     weights = torch.arange(1, len(docs.cu) + 1)
     return {
         "packed documents": len(docs.cu) - 1,
         "document boundary checksum": int((docs.cu * weights).sum() % 2**31),
-        "per-row documents: rows, calls": docs.row_plan[0] * 2**20 + docs.row_plan[1],
+        "rows with own documents": docs.row_plan[0],
+        "row calls": docs.row_plan[1],
     }
 
 
