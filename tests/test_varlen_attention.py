@@ -107,7 +107,8 @@ def test_one_document_equals_no_documents():
         ([5, 63], "start at 0"),
         ([0, 30, 30, 63], "strictly increase"),
         ([0, 30, 40], "covers 40 positions"),
-        ([[0, 63]], "1-D"),
+        (torch.zeros(1, 1, 2, dtype=torch.int64), "1-D"),
+        ([[0, 63], [0, 63]], "2 rows of boundaries but the batch has 1"),  # per-row lists: one per row
     ],
 )
 def test_bad_cu_seqlens_is_a_clear_error(cu, match):

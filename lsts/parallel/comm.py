@@ -4,6 +4,7 @@ start-up agreement check that turns mismatched inputs into errors on every rank 
 from __future__ import annotations
 
 import datetime
+import math
 
 import torch
 import torch.distributed as dist
@@ -55,22 +56,69 @@ class RingComm:
         self._reqs = []
 
 
-def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+def even_split(n: int, world: int) -> list[int]:
+    """``n`` split over ``world`` parts as `torch.tensor_split` does: the first ``n % world`` get one more."""
+    return [n // world + (1 if j < n % world else 0) for j in range(world)]
+
+
+def all_to_all(
+    x: torch.Tensor,
+    scatter_dim: int,
+    gather_dim: int,
+    group=None,
+    scatter_sizes: list[int] | None = None,
+    gather_sizes: list[int] | None = None,
+) -> torch.Tensor:
     """Split ``x`` into P parts along ``scatter_dim``, send part j to rank j, and concatenate what
-    arrives along ``gather_dim`` in rank order. Differentiable (the backward is the reverse exchange)."""
+    arrives along ``gather_dim`` in rank order. Differentiable (the backward is the reverse exchange).
+
+    Uneven splits: ``scatter_sizes`` (P ints, the same on every rank) says how many entries of
+    ``scatter_dim`` go to each rank; by default the split is even, or as `torch.tensor_split` makes
+    it when P does not divide (the first ranks get one more). ``gather_sizes`` (P ints, the same on
+    every rank) gives every rank's size of ``gather_dim`` when they differ (by default all equal ours);
+    it has no meaning when ``gather_dim == scatter_dim``."""
     world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
+    scatter_sizes = even_split(x.shape[scatter_dim], world) if scatter_sizes is None else list(scatter_sizes)
+    if gather_sizes is not None and gather_dim == scatter_dim:
+        raise ValueError("all_to_all: gather_sizes applies when gather_dim differs from scatter_dim; leave it None")
+    gather_sizes = [x.shape[gather_dim]] * world if gather_sizes is None else list(gather_sizes)
+    _check_split_sizes(x, scatter_dim, gather_dim, scatter_sizes, gather_sizes, rank, world)
     if world == 1:
         return x
-    # Move the scattered dim to the front so that all_to_all_single splits contiguous slabs.
-    parts = x.movedim(scatter_dim, 0).contiguous()
-    n = parts.shape[0] // world
-    parts = parts.reshape(world, n, *parts.shape[1:])
-    # The functional collective is PyTorch's differentiable all-to-all (the older
-    # torch.distributed.nn one is deprecated); wait_tensor makes the async result usable.
-    recv = funcol.wait_tensor(funcol.all_to_all_single_autograd(parts, None, None, group or dist.group.WORLD))
-    # recv[j] is rank j's slab for our slice of scatter_dim; put the pieces along gather_dim.
-    recv = recv.movedim(1, scatter_dim + 1)  # [P, ...x dims with our n at scatter_dim...]
-    return torch.cat(recv.unbind(0), dim=gather_dim)
+    # Scattered dim first: part j is then one contiguous slab. Rank j's parts differ from ours
+    # only in the size of gather_dim, so one flat all_to_all_single with element counts serves
+    # every shape; the functional collective is PyTorch's differentiable one (the older
+    # torch.distributed.nn one is deprecated) and wait_tensor makes its async result usable.
+    slabs = x.movedim(scatter_dim, 0).contiguous()
+    rest = list(slabs.shape[1:])
+    gather_at = gather_dim if gather_dim < scatter_dim else gather_dim - 1  # its index in ``rest``
+    shapes = [rest if gather_dim == scatter_dim else _with(rest, gather_at, gather_sizes[j]) for j in range(world)]
+    send = [scatter_sizes[j] * math.prod(rest) for j in range(world)]
+    recv_counts = [scatter_sizes[rank] * math.prod(shape) for shape in shapes]
+    group = group or dist.group.WORLD
+    recv = funcol.wait_tensor(funcol.all_to_all_single_autograd(slabs.reshape(-1), recv_counts, send, group))
+    pieces = zip(recv.split(recv_counts), shapes)
+    parts = [p.view(scatter_sizes[rank], *shape).movedim(0, scatter_dim) for p, shape in pieces]
+    return torch.cat(parts, dim=gather_dim)
+
+
+def _with(shape: list[int], dim: int, size: int) -> list[int]:
+    return [size if i == dim else s for i, s in enumerate(shape)]
+
+
+def _check_split_sizes(x, scatter_dim, gather_dim, scatter_sizes, gather_sizes, rank, world) -> None:
+    if len(scatter_sizes) != world or any(s < 0 for s in scatter_sizes) or sum(scatter_sizes) != x.shape[scatter_dim]:
+        raise ValueError(
+            f"all_to_all: scatter_sizes {scatter_sizes} must be {world} non-negative sizes (one per rank) summing to "
+            f"the size of dim {scatter_dim} ({x.shape[scatter_dim]})"
+        )
+    if len(gather_sizes) != world or any(s < 0 for s in gather_sizes) or gather_sizes[rank] != x.shape[gather_dim]:
+        raise ValueError(
+            f"all_to_all: gather_sizes {gather_sizes} must be {world} non-negative sizes, every rank's size of dim "
+            f"{gather_dim}; this rank ({rank}) has {x.shape[gather_dim]}"
+        )
 
 
 # Codes for the agreement check: inputs that must match on every rank of a group.

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Documents, Span
+from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attend_rows, document_rows
 from lsts.parallel.checks import attention_setup
-from lsts.parallel.ring import ring_attention
+from lsts.parallel.ring import document_fields, ring_attention
 from lsts.parallel.sharding import check_seq_len, layout_indices
 from lsts.parallel.ulysses import (
     check_heads,
@@ -39,6 +39,25 @@ def _check_hybrid(layout: str, n_heads: int, ulysses_world: int, seq_len: int, w
             f"whole group is not a stripe shard of the ring after the Ulysses gather; use zigzag"
         )
     check_heads(n_heads, ulysses_world, what="hybrid (ulysses part of)")
+
+
+def check_mesh_order(ring_group: dist.ProcessGroup, ulysses_group: dist.ProcessGroup) -> None:
+    """The two groups must be the axes of one mesh in the documented rank order: the global rank of
+    (ring r, ulysses u) is ``base + (r·U + u)·s`` for one stride ``s`` (1 unless axes such as tensor
+    parallelism sit inside). Any other pairing (ring groups of consecutive ranks, say: yunchang's
+    ``use_ulysses_low=False``) would attend the shards in the wrong order: a ValueError instead."""
+    uly, ring = dist.get_process_group_ranks(ulysses_group), dist.get_process_group_ranks(ring_group)
+    n_uly = len(uly)
+    stride = uly[1] - uly[0] if n_uly > 1 else (ring[1] - ring[0] if len(ring) > 1 else 1)
+    in_order = all(uly[u] == uly[0] + u * stride for u in range(n_uly))
+    in_order = in_order and all(ring[r] == ring[0] + r * n_uly * stride for r in range(len(ring)))
+    if stride <= 0 or not in_order:
+        raise ValueError(
+            f"hybrid attention needs the ring and Ulysses groups of one mesh with the Ulysses axis inner (rank of "
+            f"(ring r, ulysses u) = r·U + u): got Ulysses group ranks {uly} and ring group ranks {ring}. Build them "
+            f"with a DeviceMesh of axes (ring, ulysses) (pass mesh=), or use lsts.parallel.compat.LongContextAttention "
+            f"for yunchang's group layouts"
+        )
 
 
 def hybrid_attention(
@@ -64,7 +83,13 @@ def hybrid_attention(
     ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Needs ``H % U == 0``.
     ``span`` and ``cu_seqlens`` as in `ring_attention` (zigzag or contiguous). ``softcap`` and
     ``sinks [H]`` as in `ulysses_attention`: each rank's ``sinks.grad`` holds the part of its heads
-    and its ring shard's queries."""
+    and its ring shard's queries. The groups must be the axes of one mesh in that rank order
+    (`check_mesh_order`), or a ValueError says so."""
+    rows = document_rows(cu_seqlens, q.shape[0])
+    if rows is not None:  # each row its own documents
+        kw = dict(ring_group=ring_group, ulysses_group=ulysses_group, mesh=mesh, causal=causal, layout=layout)
+        kw.update(softmax_scale=softmax_scale, backend=backend, span=span, softcap=softcap, sinks=sinks)
+        return attend_rows(hybrid_attention, rows, q, k, v, with_lse=return_lse, return_lse=True, **kw)
     span = span if span is not None else (CAUSAL if causal else FULL)
     if mesh is not None:
         if mesh.ndim != 2:
@@ -75,10 +100,24 @@ def hybrid_attention(
     n_uly, n_ring = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
 
     def check(w: int) -> None:
+        check_mesh_order(ring_group, ulysses_group)
         _check_hybrid(layout, q.shape[2], w, q.shape[1] * n_uly * n_ring, n_uly * n_ring)
 
+    docs = as_documents(cu_seqlens, q.device, q.shape[1] * n_uly * n_ring)
+    fields = document_fields(docs)
     scale, backend = attention_setup(
-        q, k, v, ulysses_group, layout, span, softmax_scale, backend, extra_check=check, softcap=softcap, sinks=sinks
+        q,
+        k,
+        v,
+        ulysses_group,
+        layout,
+        span,
+        softmax_scale,
+        backend,
+        extra_check=check,
+        extra_fields=fields,
+        softcap=softcap,
+        sinks=sinks,
     )
     world, ring_rank = n_uly * n_ring, dist.get_rank(ring_group)
     seq_len = q.shape[1] * world
@@ -95,7 +134,7 @@ def hybrid_attention(
     uly_rank = dist.get_rank(ulysses_group)
     out, lse = ring_attention(
         qh, kh, vh, ring_group, layout=layout, softmax_scale=scale, return_lse=True, backend=backend,
-        span=head_shard_span(span, q.shape[2], uly_rank, n_uly), cu_seqlens=cu_seqlens, softcap=softcap,
+        span=head_shard_span(span, q.shape[2], uly_rank, n_uly), cu_seqlens=docs, softcap=softcap,
         sinks=head_shard_sinks(sinks, uly_rank, n_uly),
     )  # fmt: skip
     out = sequence_to_heads(out[:, from_ring], ulysses_group)

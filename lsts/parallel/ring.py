@@ -19,7 +19,17 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attention_bwd, attention_fwd
+from lsts.kernels.attention import (
+    CAUSAL,
+    FULL,
+    Documents,
+    Span,
+    as_documents,
+    attend_rows,
+    attention_bwd,
+    attention_fwd,
+    document_rows,
+)
 from lsts.kernels.attention.merge import merge_into
 from lsts.kernels.attention.sinks import add_sinks, sinks_grad
 from lsts.parallel.checks import attention_setup
@@ -114,11 +124,17 @@ def ring_backward(
 
 
 def document_fields(docs: Documents | None) -> dict[str, int]:
-    """What every rank must agree on about the packed documents: their count and a checksum."""
+    """What every rank must agree on about the packed documents: their count, a checksum, and for a
+    batch whose rows have their own documents, its rows and calls (the same keys in every case)."""
     if docs is None:
-        return {"packed documents": 0}
+        return {"packed documents": 0, "document boundary checksum": 0, "rows with own documents": 0, "row calls": 0}
     weights = torch.arange(1, len(docs.cu) + 1)
-    return {"packed documents": len(docs.cu) - 1, "document boundary checksum": int((docs.cu * weights).sum() % 2**31)}
+    return {
+        "packed documents": len(docs.cu) - 1,
+        "document boundary checksum": int((docs.cu * weights).sum() % 2**31),
+        "rows with own documents": docs.row_plan[0],
+        "row calls": docs.row_plan[1],
+    }
 
 
 class _RingAttention(torch.autograd.Function):
@@ -162,7 +178,8 @@ def ring_attention(
     when ``return_lse``. Inputs are checked on every rank before any data moves.
 
     ``span`` (a `Span`; overrides ``causal``) and ``cu_seqlens`` (document boundaries of the
-    *global* packed sequence, the same on every rank) need layout zigzag or contiguous: each ring
+    *global* packed sequence, the same on every rank; per batch row as a 2-D tensor or a list of
+    lists, see `lsts.kernels.attention.attention`) need layout zigzag or contiguous: each ring
     step attends only the pairs of contiguous runs the span can reach, at their global offsets.
     Window, block, S² and SF spans whose reach fits inside a run skip the ring: a halo exchange with
     the neighbours brings the few keys they need, and rank 0 sends SF's sinks once
@@ -173,6 +190,11 @@ def ring_attention(
     over the group as for any replicated parameter, which data-parallel engines over the
     sequence-parallel ranks do).
     """
+    rows = document_rows(cu_seqlens, q.shape[0])
+    if rows is not None:  # each row its own documents
+        kw = dict(group=group, causal=causal, layout=layout, softmax_scale=softmax_scale, backend=backend, span=span)
+        kw.update(softcap=softcap, sinks=sinks)
+        return attend_rows(ring_attention, rows, q, k, v, with_lse=return_lse, return_lse=True, **kw)
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 

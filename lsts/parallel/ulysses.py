@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attention
+from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attend_rows, attention, document_rows
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import all_to_all
 from lsts.parallel.ring import document_fields
@@ -93,13 +93,19 @@ def ulysses_attention(
     ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` -> ``out [B, S_local, H, D]``
     (and ``lse [B, H, S_local]`` float32 when ``return_lse``). Needs ``H % P == 0``.
 
-    ``span`` (overrides ``causal``) and ``cu_seqlens`` (documents of the global sequence) apply to
+    ``span`` (overrides ``causal``) and ``cu_seqlens`` (documents of the global sequence, or per
+    batch row as in `lsts.kernels.attention.attention`) apply to
     the whole sequence each rank gathers; spans that shift the second half of the heads (S², SF)
     are told where that half begins in this rank's slice of heads (`head_shard_span`).
 
     ``softcap`` and ``sinks [H]`` (all the layer's query heads, the same on every rank) as in
     `lsts.kernels.attention.attention`; each rank applies the sinks of its heads, so ``sinks.grad``
     on a rank holds its heads' part (sum it over the group as for any replicated parameter)."""
+    rows = document_rows(cu_seqlens, q.shape[0])
+    if rows is not None:  # each row its own documents
+        kw = dict(group=group, causal=causal, layout=layout, softmax_scale=softmax_scale, backend=backend, span=span)
+        kw.update(softcap=softcap, sinks=sinks)
+        return attend_rows(ulysses_attention, rows, q, k, v, with_lse=return_lse, return_lse=True, **kw)
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 

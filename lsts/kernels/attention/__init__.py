@@ -25,7 +25,7 @@ import math
 import torch
 
 from lsts.kernels.attention import cpu, reference
-from lsts.kernels.attention.documents import Documents
+from lsts.kernels.attention.documents import Documents, attend_rows, document_rows
 from lsts.kernels.attention.merge import merge_into
 from lsts.kernels.attention.sinks import add_sinks, check_softcap_sinks, sinks_grad
 from lsts.kernels.attention.spans import Span
@@ -36,10 +36,12 @@ __all__ = [
     "FULL",
     "Documents",
     "Span",
+    "attend_rows",
     "attention",
     "attention_bwd",
     "attention_fwd",
     "check_softcap_sinks",
+    "document_rows",
     "merge_into",
     "resolve_backend",
 ]
@@ -177,8 +179,9 @@ def attention(
     ``q_offset + i`` and ``k_offset + j``, so any two blocks of a longer sequence can be attended.
 
     ``cu_seqlens`` (varlen): boundaries ``[0, ..., N]`` of documents packed in the *global*
-    sequence (or a prepared `Documents`); attention then stays inside each document. Every row of
-    the batch shares them (pack one sequence per row, or use batch 1). A query with no visible key
+    sequence (or a prepared `Documents`); attention then stays inside each document. One list is
+    shared by every row of the batch; a 2-D ``[B, n + 1]`` tensor or a list of per-row lists gives
+    each row its own (one call per distinct row documents). A query with no visible key
     gets ``out = 0`` and ``lse = -inf``.
 
     ``softcap`` > 0 (Gemma2's ``attn_logit_softcapping``): the score of query i and key j is
@@ -186,6 +189,11 @@ def attention(
     query head, any float dtype, may require grad): each head's softmax gets one more key with that
     logit and a zero value; ``lse`` includes it, a query with no visible key gets ``out = 0`` and
     ``lse = sink``, and ``sinks`` gets its gradient (`sinks` module)."""
+    rows = document_rows(cu_seqlens, q.shape[0])
+    if rows is not None:
+        kw = dict(causal=causal, softmax_scale=softmax_scale, backend=backend, span=span, q_offset=q_offset)
+        kw.update(softcap=softcap, sinks=sinks)
+        return attend_rows(attention, rows, q, k, v, with_lse=True, k_offset=k_offset, **kw)
     check_qkv(q, k, v)
     check_softcap_sinks(q, softcap, sinks)
     span = span if span is not None else (CAUSAL if causal else FULL)
