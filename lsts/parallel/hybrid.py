@@ -104,21 +104,10 @@ def hybrid_attention(
         _check_hybrid(layout, q.shape[2], w, q.shape[1] * n_uly * n_ring, n_uly * n_ring)
 
     docs = as_documents(cu_seqlens, q.device, q.shape[1] * n_uly * n_ring)
-    fields = document_fields(docs)
     scale, backend = attention_setup(
-        q,
-        k,
-        v,
-        ulysses_group,
-        layout,
-        span,
-        softmax_scale,
-        backend,
-        extra_check=check,
-        extra_fields=fields,
-        softcap=softcap,
-        sinks=sinks,
-    )
+        q, k, v, ulysses_group, layout, span, softmax_scale, backend, extra_check=check,
+        extra_fields=document_fields(docs), softcap=softcap, sinks=sinks,
+    )  # fmt: skip
     world, ring_rank = n_uly * n_ring, dist.get_rank(ring_group)
     seq_len = q.shape[1] * world
 
