@@ -1,6 +1,7 @@
 """Test session set-up. Triton decides at kernel-definition time whether a kernel is compiled or
 interpreted, so on a machine without CUDA the interpreter is switched on here, before any test
-imports lsts: every Triton kernel then runs on CPU tensors (small shapes, fp32/fp16)."""
+imports lsts: every Triton kernel then runs on CPU tensors (small shapes, fp32/fp16). Kernel output
+buffers start as NaN in the tests (`lsts.kernels.buffers`), so an element left unwritten fails."""
 
 import logging
 import os
@@ -8,6 +9,7 @@ import os
 import pytest
 import torch
 
+os.environ.setdefault("LSTS_POISON_BUFFERS", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -8,7 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lsts.kernels import buffers
 from lsts.kernels import loss as loss_mod
+from lsts.kernels.buffers import kernel_buffer
 from lsts.kernels.loss import linear_cross_entropy
 from tests.oracle import rel_err
 
@@ -34,17 +36,17 @@ TRITON_TOL = [  # the interpreter mishandles bfloat16: not tested here
 ]
 
 
-@pytest.fixture(autouse=True)
-def nan_buffers(monkeypatch):
-    """Every buffer the module fills itself starts as NaN, so an element it forgets to write fails
-    the test. Returns the shapes allocated, so a test can check the poison reaches the real buffers."""
+@pytest.fixture
+def allocations(monkeypatch):
+    """The shapes of the buffers the module allocates for itself through `kernel_buffer`, which
+    NaN-poisons them under the tests (``tests/conftest.py``), so an element left unwritten fails."""
     shapes = []
 
-    def nan_empty(shape, dtype, device):
+    def recorded(shape, dtype, device):
         shapes.append(tuple(shape))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return kernel_buffer(shape, dtype, device)
 
-    monkeypatch.setattr(loss_mod, "_empty", nan_empty)
+    monkeypatch.setattr(loss_mod, "kernel_buffer", recorded)
     return shapes
 
 
@@ -159,12 +161,14 @@ def test_auto_is_the_torch_chunk_loop_on_cpu():
     torch.testing.assert_close(_run("auto", h, w, y, chunk_size=16), _run("torch", h, w, y, chunk_size=16))
 
 
-def test_poisoned_allocations_are_the_real_buffers(nan_buffers):
-    """The NaN fixture reaches the chunk buffer and both gradient outputs, so the comparisons above
-    would see an unwritten element."""
+def test_poisoned_allocations_are_the_real_buffers(allocations):
+    """The chunk buffer and both gradient outputs come from `kernel_buffer`, which starts them as NaN
+    under the tests, so the comparisons above would see an unwritten element."""
+    assert buffers.POISON, "tests/conftest.py turns NaN poisoning on"
+    assert kernel_buffer((3,), torch.float32, "cpu").isnan().all()
     n, d, v, chunk = 63, 40, 1000, 16
     _run("torch", *_inputs((n, d, v, chunk), torch.float32), chunk_size=chunk)
-    assert {(chunk, v), (n, d), (v, d)} <= set(nan_buffers)
+    assert {(chunk, v), (n, d), (v, d)} <= set(allocations)
 
 
 # --- memory ---------------------------------------------------------------------------------------

@@ -50,16 +50,11 @@ import triton
 import triton.language as tl
 
 from lsts.kernels.backend import resolve_backend
+from lsts.kernels.buffers import kernel_buffer
 
 _SUPPORTED = ("triton", "torch", "reference")
 _REDUCTIONS = ("sum", "mean")
 _MAX_BLOCK_V = 4096  # vocabulary block of the kernel: 16 KiB of float32 per program, enough to hide latency
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every buffer the code fills itself; the tests swap in a NaN-filled one so that an
-    element left unwritten shows up in the results."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,7 +121,7 @@ def _ce_chunk_kernel(
 def _ce_chunk_triton(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None) -> torch.Tensor:
     """Per-token loss ``[C]`` of logits ``z [C, V]``; overwrites ``z`` with dloss/dlogits."""
     rows, vocab = z.shape
-    loss = _empty((rows,), z.dtype, z.device)
+    loss = kernel_buffer((rows,), z.dtype, z.device)
     block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
     _ce_chunk_kernel[(rows,)](
         z, labels, loss, z.stride(0), vocab, ignore_index, 1.0 if softcap is None else float(softcap),
@@ -202,12 +197,14 @@ def _chunked_loss_and_grads(
     (n_rows, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
     acc = _acc_dtype(hidden.dtype)
     loss_sum = torch.zeros((), dtype=acc, device=device)
-    grad_h = _empty((n_rows, d), acc, device) if need_h else None
+    grad_h = kernel_buffer((n_rows, d), acc, device) if need_h else None
     grad_w = None
     if need_w:  # the first chunk overwrites it; with no chunk at all it must already be zero
-        grad_w = torch.zeros((vocab, d), dtype=acc, device=device) if n_rows == 0 else _empty((vocab, d), acc, device)
+        grad_w = (
+            torch.zeros((vocab, d), dtype=acc, device=device) if n_rows == 0 else kernel_buffer((vocab, d), acc, device)
+        )
     # One buffer for every chunk: on CPU a fresh [C, V] allocation per chunk costs page faults each time.
-    buf = _empty((min(chunk_size, n_rows), vocab), acc, device)
+    buf = kernel_buffer((min(chunk_size, n_rows), vocab), acc, device)
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         h_c, z = hidden[start:end], buf[: end - start]

@@ -32,14 +32,10 @@ import triton.language as tl
 from torch import nn
 
 from lsts.kernels.backend import BACKENDS, resolve_backend
+from lsts.kernels.buffers import kernel_buffer
 
 MAX_DIM = 65536  # one row per block: beyond this Triton's block would not fit in registers
 _SUPPORTED = ("triton", "torch", "reference")
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every kernel output; the tests swap in a NaN-filled one so an unwritten element fails."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,8 +112,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     """Triton forward: ``x [..., d]``, ``weight [d]`` -> ``y [..., d]`` (x.dtype), ``rstd [rows]`` (float32)."""
     x2 = _rows(x)
     rows, d = x2.shape
-    y = _empty((rows, d), x.dtype, x.device)
-    rstd = _empty((rows,), torch.float32, x.device)
+    y = kernel_buffer((rows, d), x.dtype, x.device)
+    rstd = kernel_buffer((rows,), torch.float32, x.device)
     if rows > 0:
         _rms_norm_fwd_kernel[(rows,)](
             x2, weight, y, rstd, x2.stride(0), y.stride(0), d, eps, BLOCK_D=triton.next_power_of_2(d)
@@ -131,11 +127,11 @@ def rms_norm_bwd(
     """Triton backward: ``dx [..., d]`` (x.dtype) and ``dweight [d]`` (weight.dtype)."""
     x2, dy2 = _rows(x), _rows(dy)
     rows, d = x2.shape
-    dx = _empty((rows, d), x.dtype, x.device)
+    dx = kernel_buffer((rows, d), x.dtype, x.device)
     if rows == 0:
         return dx.view(x.shape), torch.zeros_like(weight)
     n_p = _n_programs(rows, x.device)
-    dw_partial = _empty((n_p, d), torch.float32, x.device)
+    dw_partial = kernel_buffer((n_p, d), torch.float32, x.device)
     _rms_norm_bwd_kernel[(n_p,)](
         x2, weight, dy2, rstd, dx, dw_partial, x2.stride(0), dy2.stride(0), dx.stride(0), rows, d,
         BLOCK_D=triton.next_power_of_2(d),

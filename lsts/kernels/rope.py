@@ -32,13 +32,9 @@ import triton
 import triton.language as tl
 
 from lsts.kernels.backend import resolve_backend
+from lsts.kernels.buffers import kernel_buffer
 
 _SUPPORTED = ("triton", "torch", "reference")
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every kernel output; the tests swap in a NaN-filled one so an unwritten element fails."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -98,7 +94,7 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
     if x.stride(-1) != 1:
         x = x.contiguous()
     B, S, H, D = x.shape
-    y = _empty((B, S, H, D), x.dtype, x.device)
+    y = kernel_buffer((B, S, H, D), x.dtype, x.device)
     if y.numel() == 0:
         return y
     block_f = triton.next_power_of_2(D // 2)

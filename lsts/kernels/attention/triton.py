@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from lsts.kernels.attention.spans import Span
+from lsts.kernels.buffers import kernel_buffer, kernel_buffer_like
 
 LOG2E = 1.4426950408889634
 
@@ -449,9 +450,8 @@ def attention_fwd(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
-    # NaN-poisoned: a row the kernel failed to write cannot pass a test unnoticed.
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((b, h, sq), float("nan"), dtype=torch.float32, device=q.device)
+    out = kernel_buffer_like(q)  # NaN-poisoned under the tests: an unwritten row cannot pass unnoticed
+    lse = kernel_buffer((b, h, sq), torch.float32, q.device)
     blocks = _blocks(d, q.device)
     grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
     _attn_fwd_kernel[grid](
@@ -472,9 +472,9 @@ def attention_bwd(
     sk, h_kv = k.shape[1], k.shape[2]
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
     lse = lse.float().contiguous()
-    dq = torch.full_like(q, float("nan"))
-    dk = torch.full(k.shape, float("nan"), dtype=torch.float32, device=k.device)
-    dv = torch.full(v.shape, float("nan"), dtype=torch.float32, device=v.device)
+    dq = kernel_buffer_like(q)
+    dk = kernel_buffer(k.shape, torch.float32, k.device)
+    dv = kernel_buffer(v.shape, torch.float32, v.device)
     blocks, spans = _blocks(d, q.device), {**_span_args(span, docs, h), "SOFTCAP": float(softcap)}
     common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, softmax_scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])

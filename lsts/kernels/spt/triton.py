@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lsts.kernels.buffers import kernel_buffer, kernel_buffer_like
+
 # ------------------------------------------------------------------------------------ selection
 
 
@@ -205,8 +207,8 @@ def sparse_attention_fwd(q, k, v, idx, scale: float, clamp: float):
     """``(out [B, N, H, D], lse [B, H, N] float32)`` over the keys ``idx`` (contiguous int32)."""
     q, k, v = (x.contiguous() for x in (q, k, v))
     b, n, h, d = q.shape
-    out = torch.full_like(q, float("nan"))  # NaN-poisoned: an unwritten row cannot pass a test
-    lse = torch.full((b, h, n), float("nan"), dtype=torch.float32, device=q.device)
+    out = kernel_buffer_like(q)  # NaN-poisoned under the tests: an unwritten row cannot pass one
+    lse = kernel_buffer((b, h, n), torch.float32, q.device)
     blocks = _attn_blocks(d, q.device)
     _sparse_fwd_kernel[(triton.cdiv(n, blocks["BLOCK_M"]), b * h)](
         q, k, v, idx, out, lse, *q.stride()[:3], *k.stride()[:3], *out.stride()[:3],
@@ -220,7 +222,7 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, idx, scale: float, clamp: floa
     q, k, v, dout = (x.contiguous() for x in (q, k, v, dout))
     b, n, h, d = q.shape
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
-    dq = torch.full_like(q, float("nan"))
+    dq = kernel_buffer_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     blocks = _attn_blocks(d, q.device)
@@ -314,7 +316,7 @@ def _tiles(offsets: list[int], block_m: int, device: torch.device) -> tuple[torc
 def grouped_mm_fwd(x: torch.Tensor, w: torch.Tensor, src: torch.Tensor | None, offsets: list[int]) -> torch.Tensor:
     """``y [R, N]``: row r of block e is ``x[src[r]] @ w[e]`` (``src`` None: ``x[r]``); ``w [E, K, N]``."""
     rows, n = offsets[-1], w.shape[2]
-    y = torch.full((rows, n), float("nan"), dtype=x.dtype, device=x.device)
+    y = kernel_buffer((rows, n), x.dtype, x.device)
     if rows == 0:
         return y
     blocks = _gemm_blocks(x.device)
