@@ -1,6 +1,7 @@
 """Start-up validation shared by every sequence-parallel attention: checks run on every rank and
-agree through one small all-gather before any data collective, so bad input is a `ValueError` on
-all ranks (never a hang, never a silently wrong result)."""
+agree before any data collective, so bad input is a `ValueError` on all ranks (never a hang, never a
+silently wrong result). The agreement is one small all-gather per call, or, inside a training step,
+the step's own (`lsts.parallel.agreement`: no collective per call)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch.distributed as dist
 from lsts.kernels.attention import CAUSAL, FULL, Span, check_qkv, check_softcap_sinks, default_scale, resolve_backend
 from lsts.kernels.attention.sinks import softcap_code
 from lsts.kernels.attention.spans import SPAN_KINDS
-from lsts.parallel.comm import agree_across_ranks, decode_dtype, encode_dtype
+from lsts.parallel.agreement import check_call
+from lsts.parallel.comm import decode_dtype, encode_dtype
 from lsts.parallel.sharding import LAYOUTS, check_seq_len
 
 
@@ -51,7 +53,7 @@ def attention_setup(
     fields.update({"softcap (float64 bits)": _softcap_field(softcap), "learnable sinks given": int(sinks is not None)})
     fields.update(extra_fields or {})
     fields["layout code"] = LAYOUTS.index(layout) if layout in LAYOUTS else -1
-    agree_across_ranks(group, fields, error, decode={"dtype": decode_dtype})
+    check_call(group, fields, error, decode={"dtype": decode_dtype})
     return default_scale(q.shape[-1], softmax_scale), backend
 
 

@@ -11,6 +11,7 @@ schedule on the FSDP2, DDP or plain module; lsts clips and guards) and `lsts.tra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import functools
@@ -26,10 +27,12 @@ from lsts.cli import RunError
 from lsts.config import Config, KernelsConfig
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
+from lsts.parallel.agreement import RowInputs, StepAgreement
 from lsts.parallel.comm import init_process_group
 from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
 from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
+from lsts.parallel.ring import document_fields
 from lsts.train import zero
 from lsts.train.checkpoint import Checkpointer, checkpoint_contents, checkpoint_dir, latest_checkpoint, read_info
 from lsts.train.data import IGNORE_INDEX, build_data
@@ -224,13 +227,16 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
     peak = device_peak_flops(device, dtype)
     dp_cp_group = mesh["dp_cp"].get_group()
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
+    # Attention inputs agree once per step over the context-parallel group, not in every attention call;
+    # the pipeline's schedule interleaves rows, so its attention calls keep agreeing one by one.
+    agreement = StepAgreement(mesh["cp"].get_group()) if dims.cp > 1 and dims.pp == 1 else None
     metrics: dict = {}
     batches = iter(data)
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             job.before_step(step)
-            loss, n_tokens = _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device)
+            loss, n_tokens = _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreement)
             if not math.isfinite(loss):  # before the update, which with ZeRO also computes the norm
                 raise _non_finite(step, loss, "not computed", cfg.train.out)
             grad_norm, lr, applied = update.step()
@@ -403,9 +409,10 @@ class TorchUpdate:
         return grad_norm, lr, True
 
 
-def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tuple[float, int]:
+def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreement=None) -> tuple[float, int]:
     """Forward and backward of ``grad_accum`` micro-batches; returns the token-weighted mean loss
-    over all data- and context-parallel ranks and the number of tokens it averaged."""
+    over all data- and context-parallel ranks and the number of tokens it averaged. With a
+    `StepAgreement`, one collective agrees on every row's attention inputs up front."""
     micro = []
     local_tokens = torch.zeros((), dtype=torch.float64)
     for _ in range(cfg.train.grad_accum):
@@ -417,6 +424,8 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tup
     n_total = int(total.item())
     if n_total == 0:
         raise ValueError("a step's batches hold no labelled token; check data.seq_len and the corpus")
+    if agreement is not None:
+        agreement.agree([_row_inputs(cfg, ctx, b, r) for b in micro for r in range(len(b.tokens))])
     loss_sum = torch.zeros((), dtype=torch.float64)
     # The engines average gradients over the dp x cp ranks: scale so that they sum instead.
     scale = gradient_scale(dims) / n_total
@@ -430,13 +439,15 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tup
             continue
         for row in range(batch.tokens.shape[0]):
             row_ctx = _row_ctx(cfg, ctx, batch, row)
-            loss = update.loss(
-                batch.tokens[row : row + 1].to(device),
-                batch.positions[row : row + 1].to(device),
-                row_ctx,
-                batch.labels[row].to(device),
-            )
-            update.backward(loss * scale)
+            agreed = agreement.row(_row_inputs(cfg, ctx, batch, row)) if agreement else contextlib.nullcontext()
+            with agreed:  # forward and backward (its recompute) attend the agreed row
+                loss = update.loss(
+                    batch.tokens[row : row + 1].to(device),
+                    batch.positions[row : row + 1].to(device),
+                    row_ctx,
+                    batch.labels[row].to(device),
+                )
+                update.backward(loss * scale)
             loss_sum += loss.detach().double().cpu()
     dist.all_reduce(loss_sum, group=dp_cp_group)
     if pp_group is not None:  # only the last stage holds the loss
@@ -447,6 +458,12 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tup
 def _row_ctx(cfg, ctx, batch, row: int):
     """The attention context of one row: its packed documents when attention stays inside them."""
     return ctx.with_documents(batch.cu_seqlens[row] if cfg.data.doc_masking else None)
+
+
+def _row_inputs(cfg, ctx, batch, row: int) -> RowInputs:
+    """What the step agrees on for one row: its token shard's shape and its packed documents."""
+    docs = _row_ctx(cfg, ctx, batch, row).documents
+    return RowInputs(tuple(batch.tokens[row : row + 1].shape), tuple(document_fields(docs).items()))
 
 
 def _clip(model, max_norm: float, pp_group=None) -> float:
