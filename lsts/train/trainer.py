@@ -70,6 +70,8 @@ def init_distributed(cfg: Config, device: torch.device) -> bool:
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":  # the step's token counts and loss sums are host scalars: gloo carries those
+        backend = "cpu:gloo,cuda:nccl"
     timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
     if "RANK" in os.environ:
         init_process_group(backend, timeout=timeout)
