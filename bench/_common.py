@@ -91,14 +91,16 @@ class GroupOutcome:
         return self.status == "ok"
 
 
-def _rank_main(fn, rank: int, world: int, rdzv: str | None, threads: int, args: tuple, results) -> None:
+def _rank_main(fn, rank: int, world: int, rdzv: str | None, threads: int, args: tuple, results, backend: str) -> None:
     # Threads first: the first torch op fixes the intra-op pool size.
     torch.set_num_threads(threads)
     try:
         if rdzv is not None:
             import torch.distributed as dist
 
-            dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+            if "nccl" in backend:  # one GPU per rank, chosen before NCCL binds a communicator to it
+                torch.cuda.set_device(rank)
+            dist.init_process_group(backend, init_method=f"file://{rdzv}", rank=rank, world_size=world)
         out = fn(rank, world, *args)
         results.put((rank, True, out))
     except BaseException as e:  # every failure must reach the parent, or it waits forever
@@ -113,9 +115,11 @@ def run_group(
     distributed: bool = True,
     rss_cap_kib: int | None = None,
     timeout_s: float | None = None,
+    backend: str = "gloo",
 ) -> GroupOutcome:
     """Call ``fn(rank, world, *args)`` in ``world`` fresh 'spawn' processes with ``threads`` torch
-    threads each, joined by a gloo group (``file://`` rendezvous) when ``distributed``.
+    threads each, joined by a ``backend`` group (``file://`` rendezvous) when ``distributed``; with
+    NCCL, rank r uses GPU r.
 
     The group is killed as soon as one process's resident set passes ``rss_cap_kib`` or the whole
     run passes ``timeout_s``. ``fn`` and ``args`` must be picklable (module-level functions)."""
@@ -124,7 +128,8 @@ def run_group(
         rdzv = os.path.join(tmp, "rdzv") if distributed else None
         results = ctx.Queue()
         procs = [
-            ctx.Process(target=_rank_main, args=(fn, r, world, rdzv, threads, args, results)) for r in range(world)
+            ctx.Process(target=_rank_main, args=(fn, r, world, rdzv, threads, args, results, backend))
+            for r in range(world)
         ]
         for p in procs:
             p.start()
