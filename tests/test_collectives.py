@@ -102,16 +102,18 @@ def _train_and_log(rank, world, out, extra):
 
 
 @pytest.mark.parametrize(
-    "layout_args",
+    ("world", "layout_args"),
     [
         # one full layer (ring P2P) and one window layer (halo P2P), packed documents
-        pytest.param(["--parallel.cp_ring=2"], id="ring"),
-        pytest.param(["--parallel.cp_ulysses=2"], id="ulysses"),
-        pytest.param(["--parallel.cp_ring=2", "--parallel.activation_checkpoint=full"], id="ring-recompute"),
+        pytest.param(2, ["--parallel.cp_ring=2"], id="ring"),
+        pytest.param(2, ["--parallel.cp_ulysses=2"], id="ulysses"),
+        pytest.param(2, ["--parallel.cp_ring=2", "--parallel.activation_checkpoint=full"], id="ring-recompute"),
+        # Ulysses pairs inside a ring of 2: the first row agrees over each of the two groups
+        pytest.param(4, ["--parallel.cp_ring=2", "--parallel.cp_ulysses=2"], id="hybrid", marks=pytest.mark.slow),
     ],
 )
-def test_attention_issues_only_its_data_exchange_after_the_first_step(tmp_path, layout_args):
-    for log in run_ranks(_train_and_log, 2, str(tmp_path / "run"), layout_args):
+def test_attention_issues_only_its_data_exchange_after_the_first_step(tmp_path, world, layout_args):
+    for log in run_ranks(_train_and_log, world, str(tmp_path / "run"), layout_args):
         _check_step_log(log)
 
 

@@ -428,7 +428,7 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreem
         raise ValueError("a step's batches hold no labelled token; check data.seq_len and the corpus")
     if agreement is not None:
         agreement.agree([_row_inputs(cfg, ctx, b, r) for b in micro for r in range(len(b.tokens))])
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per row
     # The engines average gradients over the dp x cp ranks: scale so that they sum instead.
     scale = gradient_scale(dims) / n_total
     for batch in micro:
@@ -450,7 +450,7 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreem
                     batch.labels[row].to(device),
                 )
                 update.backward(loss * scale)
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
     dist.all_reduce(loss_sum, group=dp_cp_group)
     if pp_group is not None:  # only the last stage holds the loss
         dist.all_reduce(loss_sum, group=pp_group)
