@@ -443,14 +443,16 @@ def _blocks(head_dim: int, device: torch.device) -> dict:
 
 
 def attention_fwd(
-    q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0, docs=None, softcap: float = 0.0
-):
-    """``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` (last dim contiguous) -> ``(out, lse)``."""
+    q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0, docs=None, softcap: float = 0.0,
+    unrounded: bool = False,
+):  # fmt: skip
+    """``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` (last dim contiguous) -> ``(out, lse)``; ``out``
+    in float32 when ``unrounded`` (the kernel stores its float32 accumulator as it is)."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
     # NaN-poisoned: a row the kernel failed to write cannot pass a test unnoticed.
-    out = torch.full_like(q, float("nan"))
+    out = torch.full_like(q, float("nan"), dtype=_result_dtype(q.dtype, unrounded))
     lse = torch.full((b, h, sq), float("nan"), dtype=torch.float32, device=q.device)
     blocks = _blocks(d, q.device)
     grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
@@ -462,17 +464,23 @@ def attention_fwd(
     return out, lse
 
 
+def _result_dtype(dtype: torch.dtype, unrounded: bool) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32) if unrounded else dtype
+
+
 def attention_bwd(
-    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset=0, k_offset=0, docs=None, softcap: float = 0.0
-):
-    """Gradients ``(dq, dk, dv)`` given the queries' global ``out`` and ``lse``."""
+    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset=0, k_offset=0, docs=None, softcap: float = 0.0,
+    unrounded: bool = False,
+):  # fmt: skip
+    """Gradients ``(dq, dk, dv)`` given the queries' global ``out`` and ``lse``; float32 when
+    ``unrounded`` (dK/dV are accumulated in float32 buffers either way)."""
     q, k, v = (x.contiguous() for x in (q, k, v))
     dout = dout.contiguous()
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
     lse = lse.float().contiguous()
-    dq = torch.full_like(q, float("nan"))
+    dq = torch.full_like(q, float("nan"), dtype=_result_dtype(q.dtype, unrounded))
     dk = torch.full(k.shape, float("nan"), dtype=torch.float32, device=k.device)
     dv = torch.full(v.shape, float("nan"), dtype=torch.float32, device=v.device)
     blocks, spans = _blocks(d, q.device), {**_span_args(span, docs, h), "SOFTCAP": float(softcap)}
@@ -484,7 +492,7 @@ def attention_bwd(
     _attn_bwd_dkv_kernel[(triton.cdiv(sk, blocks["BLOCK_N"]), b * h_kv)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *common, HEAD_DIM=d, **spans, **blocks
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(_result_dtype(k.dtype, unrounded)), dv.to(_result_dtype(v.dtype, unrounded))
 
 
 __all__ = ["attention_bwd", "attention_fwd"]
