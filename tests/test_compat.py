@@ -41,11 +41,14 @@ def flash_keep(n: int, causal: bool, window=(-1, -1), cu=None) -> torch.Tensor:
     return keep
 
 
-def oracle(q, k, v, dout, keep):
-    """``q [B, N, H, D]`` etc., ``keep [N, N]`` or ``[B, N, N]``: out, lse [B, H, N], dq, dk, dv."""
+def oracle(q, k, v, dout, keep, softcap=0.0):
+    """``q [B, N, H, D]`` etc., ``keep [N, N]`` or ``[B, N, N]``: out, lse [B, H, N], dq, dk, dv.
+    ``softcap`` as FlashAttention applies it: to the scaled scores, before the mask."""
     q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(group, 2)) / q.shape[-1] ** 0.5
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     keep = keep if keep.dim() == 3 else keep[None]
     scores = scores.masked_fill(~keep[:, None], float("-inf"))
     lse = scores.logsumexp(-1)
@@ -120,12 +123,18 @@ def run_local(fn, q, k, v, dout):
 
 # --- ring-flash-attention: fixed length -------------------------------------------------------------
 
-FIXED = [  # name, function, sharding, causal, window_size, packing
-    ("zigzag-causal", compat.zigzag_ring_flash_attn_func, rfa_zigzag, True, (-1, -1), None),
-    ("zigzag-window3-kvpacked", compat.zigzag_ring_flash_attn_kvpacked_func, rfa_zigzag, True, (3, 0), "kv"),
-    ("ring-full", compat.ring_flash_attn_func, rfa_ring, False, (-1, -1), None),
-    ("ring-window-without-causal", compat.ring_flash_attn_func, rfa_ring, False, (5, 0), None),
-    ("stripe-causal-qkvpacked", compat.stripe_flash_attn_qkvpacked_func, rfa_stripe, True, (-1, -1), "qkv"),
+SOFTCAP = 1.5  # below the spread of the scores (std 1 here), so capping changes every row
+
+FIXED = [  # name, function, sharding, causal, window_size, packing, softcap
+    ("zigzag-causal", compat.zigzag_ring_flash_attn_func, rfa_zigzag, True, (-1, -1), None, 0.0),
+    ("zigzag-window3-kvpacked", compat.zigzag_ring_flash_attn_kvpacked_func, rfa_zigzag, True, (3, 0), "kv", 0.0),
+    ("zigzag-window1-softcap", compat.zigzag_ring_flash_attn_func, rfa_zigzag, False, (1, 0), None, SOFTCAP),
+    ("ring-full", compat.ring_flash_attn_func, rfa_ring, False, (-1, -1), None, 0.0),
+    ("ring-full-softcap", compat.ring_flash_attn_func, rfa_ring, False, (-1, -1), None, SOFTCAP),
+    ("ring-window-without-causal", compat.ring_flash_attn_func, rfa_ring, False, (5, 0), None, 0.0),
+    ("ring-causal-only-right-0", compat.ring_flash_attn_func, rfa_ring, False, (-1, 0), None, 0.0),
+    ("stripe-causal-qkvpacked", compat.stripe_flash_attn_qkvpacked_func, rfa_stripe, True, (-1, -1), "qkv", 0.0),
+    ("stripe-causal-right9-softcap", compat.stripe_flash_attn_func, rfa_stripe, True, (-1, 9), None, SOFTCAP),
 ]
 
 
@@ -140,11 +149,11 @@ def _call_packed(fn, packing, args, kw, q, k, v):
 
 def _fixed_length_cases(rank, world):
     n, cases = 8 * world, {}
-    for i, (name, fn, shard, causal, window, packing) in enumerate(FIXED):
+    for i, (name, fn, shard, causal, window, packing, softcap) in enumerate(FIXED):
         q, k, v, dout = inputs(n, seed=i, hkv=H if packing == "qkv" else HKV)
-        out, lse, *grads = oracle(q, k, v, dout, flash_keep(n, causal, window))
+        out, lse, *grads = oracle(q, k, v, dout, flash_keep(n, causal, window), softcap)
         want = [shard(out, rank, world), shard(lse, rank, world, dim=2), *(shard(g, rank, world) for g in grads)]
-        kw = dict(causal=causal, window_size=window, return_attn_probs=True)
+        kw = dict(causal=causal, window_size=window, return_attn_probs=True, softcap=softcap)
         call = functools.partial(_call_packed, fn, packing, (0.0, None), kw)  # dropout_p, softmax_scale by position
         (out, lse, probs), grads = run_local(call, *(shard(x, rank, world) for x in (q, k, v, dout)))
         cases[name] = errors([out, lse, *grads], want)
@@ -154,11 +163,13 @@ def _fixed_length_cases(rank, world):
 
 # --- ring-flash-attention: varlen -----------------------------------------------------------------
 
-VARLEN = [  # name, function, per-document sharding, causal, window_size, packing
-    ("zigzag-varlen-causal", compat.zigzag_ring_flash_attn_varlen_func, "zigzag", True, (-1, -1), None),
-    ("zigzag-varlen-qkvpacked", compat.zigzag_ring_flash_attn_varlen_qkvpacked_func, "zigzag", True, (-1, -1), "qkv"),
-    ("ring-varlen-window-kvpacked", compat.ring_flash_attn_varlen_kvpacked_func, "ring", True, (3, 0), "kv"),
-    ("stripe-varlen-full", compat.stripe_flash_attn_varlen_func, "stripe", False, (-1, -1), None),
+VARLEN = [  # name, function, per-document sharding, causal, window_size, packing, softcap
+    ("zigzag-varlen-causal", compat.zigzag_ring_flash_attn_varlen_func, "zigzag", True, (-1, -1), None, 0.0),
+    ("zigzag-varlen-qkvpack", compat.zigzag_ring_flash_attn_varlen_qkvpacked_func, "zigzag", True, (-1, -1), "qkv", 0),
+    ("zigzag-varlen-window-softcap", compat.zigzag_ring_flash_attn_varlen_func, "zigzag", True, (2, 0), None, SOFTCAP),
+    ("ring-varlen-window-kvpacked", compat.ring_flash_attn_varlen_kvpacked_func, "ring", True, (3, 0), "kv", 0.0),
+    ("stripe-varlen-full", compat.stripe_flash_attn_varlen_func, "stripe", False, (-1, -1), None, 0.0),
+    ("stripe-varlen-full-softcap", compat.stripe_flash_attn_varlen_func, "stripe", False, (-1, -1), None, SOFTCAP),
 ]
 
 
@@ -167,12 +178,12 @@ def _varlen_cases(rank, world):
     cu = [0, 4 * world, 12 * world, 14 * world]  # every document splits into 2P chunks
     local_cu = torch.tensor(cu, dtype=torch.int32) // world  # what the peer's tests pass
     local_max = int((local_cu[1:] - local_cu[:-1]).max())
-    for i, (name, fn, scheme, causal, window, packing) in enumerate(VARLEN):
+    for i, (name, fn, scheme, causal, window, packing, softcap) in enumerate(VARLEN):
         q, k, v, dout = inputs(cu[-1], seed=10 + i, batch=1, hkv=H if packing == "qkv" else HKV)
-        out, lse, *grads = oracle(q, k, v, dout, flash_keep(cu[-1], causal, window, cu))
+        out, lse, *grads = oracle(q, k, v, dout, flash_keep(cu[-1], causal, window, cu), softcap)
         local = functools.partial(rfa_varlen, cu=cu, rank=rank, world=world, scheme=scheme)
         want = [local(out[0]), local(lse[0].T).T, *(local(g[0]) for g in grads)]
-        kw = dict(causal=causal, window_size=window, return_attn_probs=True)
+        kw = dict(causal=causal, window_size=window, return_attn_probs=True, softcap=softcap)
         call = functools.partial(_call_packed, fn, packing, (local_cu, local_max), kw)
         (out, lse, _), grads = run_local(call, *(local(x[0]) for x in (q, k, v, dout)))
         bounds = list(itertools.pairwise(local_cu.tolist()))
@@ -186,17 +197,21 @@ def _llama3_cases(rank, world):
     cases = {}
     cu = torch.tensor([0, 5, 17, 18, 10 * world], dtype=torch.int32)  # documents across slice borders
     n, rows = int(cu[-1]), slice(rank * 10, (rank + 1) * 10)
-    for causal, stride in ((True, 1), (False, HKV)):
+    # The window crosses slice borders; softcap on the non-causal call.
+    for causal, stride, window, softcap in ((True, 1, (4, 0), 0.0), (False, HKV, (-1, -1), SOFTCAP)):
         q, k, v, dout = inputs(n, seed=20 + stride, batch=1)
-        out, lse, *grads = oracle(q, k, v, dout, flash_keep(n, causal, cu=cu.tolist()))
+        out, lse, *grads = oracle(q, k, v, dout, flash_keep(n, causal, window, cu.tolist()), softcap)
         want = [out[0, rows], lse[0, :, rows], *(g[0, rows] for g in grads)]
         cu_q, cu_k, max_q, max_k, k_slice = compat.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, world)
+        kw = dict(causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
 
-        def call(q, k, v, prepared=(cu_q, cu_k, max_q, max_k, stride, k_slice), causal=causal):
-            return compat.llama3_flash_attn_varlen_func(q, k, v, *prepared, causal=causal, return_attn_probs=True)
+        def call(q, k, v, prepared=(cu_q, cu_k, max_q, max_k, stride, k_slice), kw=kw):
+            return compat.llama3_flash_attn_varlen_func(q, k, v, *prepared, **kw)
 
         (out, lse, _), grads = run_local(call, *(x[0, rows] for x in (q, k, v, dout)))
-        cases[f"llama3-causal{causal}-heads_k_stride{stride}"] = errors([out, lse, *grads], want)
+        cases[f"llama3-causal{causal}-heads_k_stride{stride}-window{window}-softcap{softcap}"] = errors(
+            [out, lse, *grads], want
+        )
     return cases
 
 
@@ -208,17 +223,20 @@ def _yunchang_cases(rank, world, n_uly, n_ring, low):
     ulysses_pg, ring_pg = compat.set_seq_parallel_pg(n_uly, n_ring, rank, world, use_ulysses_low=low)
     mesh_rank = dist.get_rank(ring_pg) * n_uly + dist.get_rank(ulysses_pg)  # yunchang's rank when low
     n = 4 * world
-    for i, kind in enumerate(("zigzag", "basic", "strip")):
-        q, k, v, dout = inputs(n, seed=30 + i, hkv=H if kind == "strip" else HKV)  # strip: q, k, v in one exchange
-        causal = kind != "basic"
-        out, _, *grads = oracle(q, k, v, dout, flash_keep(n, causal))
+    # kind, causal, window_size, softcap; strip sends q, k, v in one exchange (no GQA)
+    for i, (kind, causal, window, softcap) in enumerate(
+        (("zigzag", True, (-1, -1), 0.0), ("zigzag", True, (3, 0), SOFTCAP), ("basic", False, (-1, -1), SOFTCAP),
+         ("strip", True, (-1, -1), 0.0))
+    ):  # fmt: skip
+        q, k, v, dout = inputs(n, seed=30 + i, hkv=H if kind == "strip" else HKV)
+        out, _, *grads = oracle(q, k, v, dout, flash_keep(n, causal, window), softcap)
         shard = functools.partial(yunchang_extract, rank=mesh_rank, world=world, rd=n_ring, ud=n_uly, kind=kind)
-        name = f"long-context-{kind}-u{n_uly}r{n_ring}-low{low}"
+        name = f"long-context-{kind}-window{window}-softcap{softcap}-u{n_uly}r{n_ring}-low{low}"
         cases[name] = {
             "long_context_shard differs": float(not torch.equal(shard(q), compat.long_context_shard(q, kind)))
         }
         attn = compat.LongContextAttention(ring_impl_type=kind, use_pack_qkv=kind == "strip")
-        call = functools.partial(attn, causal=causal)
+        call = functools.partial(attn, causal=causal, window_size=window, softcap=softcap)
         got, got_grads = run_local(call, *map(shard, (q, k, v, dout)))
         cases[name].update(errors([got, *got_grads], [shard(x) for x in (out, *grads)], ("out", "dq", "dk", "dv")))
     return cases
@@ -227,13 +245,13 @@ def _yunchang_cases(rank, world, n_uly, n_ring, low):
 def _ulysses_module_case(rank, world):
     n = 4 * world
     q, k, v, dout = inputs(n, seed=40)
-    out, _, *grads = oracle(q, k, v, dout, flash_keep(n, causal=True, window=(2, 0)))
+    out, _, *grads = oracle(q, k, v, dout, flash_keep(n, causal=True, window=(2, 0)), SOFTCAP)
     shard = functools.partial(rfa_ring, rank=rank, world=world)
     module = compat.UlyssesAttention(dist.group.WORLD)
-    got, got_grads = run_local(functools.partial(module, causal=True, window_size=(2, 0)), *map(shard, (q, k, v, dout)))
-    return {
-        "ulysses-module-window": errors([got, *got_grads], [shard(x) for x in (out, *grads)], ("out", "dq", "dk", "dv"))
-    }
+    call = functools.partial(module, causal=True, window_size=(2, 0), softcap=SOFTCAP)
+    got, got_grads = run_local(call, *map(shard, (q, k, v, dout)))
+    want = [shard(x) for x in (out, *grads)]
+    return {"ulysses-module-window-softcap": errors([got, *got_grads], want, ("out", "dq", "dk", "dv"))}
 
 
 # --- per-row documents, uneven all-to-all, clear errors --------------------------------------------
@@ -304,6 +322,9 @@ def _clear_errors(rank, world):
         "LongContextAttention on groups of no mesh": _error(
             lambda: compat.LongContextAttention(ulysses_pg=dist.group.WORLD, ring_pg=dist.group.WORLD)(q, q, q)
         ),
+        "stripe with a window": _error(
+            lambda: compat.stripe_flash_attn_func(q, q, q, causal=True, window_size=(3, 0), softcap=SOFTCAP)
+        ),
         "hybrid with stripe": _error(
             lambda: hybrid_attention(q, q, q, dist.group.WORLD, dist.new_group([rank]), layout="stripe")
         ),
@@ -352,7 +373,7 @@ def world_2():
 
 
 def test_compat_functions_match_the_oracle_on_the_peers_shardings(world_2):
-    expected = {name for name, *_ in FIXED} | {name for name, *_ in VARLEN} | {"ulysses-module-window"}
+    expected = {name for name, *_ in FIXED} | {name for name, *_ in VARLEN} | {"ulysses-module-window-softcap"}
     assert expected <= set(world_2[0][0])
     _assert_cases(world_2)
 
@@ -365,6 +386,7 @@ def test_per_row_documents_and_uneven_all_to_all(world_2):
 def test_unsupported_layout_combinations_name_the_supported_ones(world_2):
     for _, messages in world_2:
         assert "'zigzag' or 'contiguous'" in messages["ring stripe with documents"]
+        assert "'zigzag' or 'contiguous'" in messages["stripe with a window"]
         assert "hybrid attention supports the layouts ('contiguous', 'zigzag')" in messages["hybrid with stripe"]
         assert "rows with own documents must be the same on every rank" in messages["rows differ across ranks"]
         assert (
@@ -421,7 +443,11 @@ def test_llama3_prepare_matches_the_peer_convention():
         (lambda q: compat.zigzag_ring_flash_attn_func(q, q, q, 0.1), "dropout_p=0.1"),
         (lambda q: compat.ring_flash_attn_func(q, q, q, alibi_slopes=torch.ones(H)), "alibi_slopes"),
         (lambda q: compat.stripe_flash_attn_func(q, q, q, window_size=(2, 3)), "window_size=\\(2, 3\\)"),
-        (lambda q: compat.zigzag_ring_flash_attn_func(q, q, q, causal=True, softcap=30.0), "softcap=30.0"),
+        (lambda q: compat.ring_flash_attn_func(q, q, q, window_size=(3, -1)), "window_size=\\(3, -1\\)"),
+        (
+            lambda q: compat.zigzag_ring_flash_attn_varlen_func(q[0], q[0], q[0], [0, 8], 8, window_size=(-1, 2)),
+            "later",
+        ),
         (lambda q: compat.UlyssesAttention()(q, q, q, return_attn_probs=True), "return_attn_probs"),
         (
             lambda q: compat.LongContextAttention(ulysses_pg=1, ring_pg=1)(

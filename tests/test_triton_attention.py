@@ -97,3 +97,21 @@ def test_unknown_span_in_attention_call():
     x = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="unknown attention span"):
         attention(x, x, x, span=Span("ring"))
+
+
+def test_unrounded_results_are_the_kernels_float32_accumulators():
+    """``unrounded=True`` (ring steps, halo blocks) stores the float32 accumulators the kernels
+    otherwise round: rounding them gives exactly the default results."""
+    from lsts.kernels.attention import attention_bwd, attention_fwd
+
+    g = torch.Generator().manual_seed(9)
+    q, dout = (torch.randn(1, 24, 4, 16, generator=g).half().to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(1, 24, 2, 16, generator=g).half().to(DEVICE) for _ in range(2))
+    args = (0.25, Span("causal"), "triton", 8, 0)  # scale, span, backend, q_offset, k_offset
+    out, lse = attention_fwd(q, k, v, *args)
+    out32, lse32 = attention_fwd(q, k, v, *args, unrounded=True)
+    assert out32.dtype == torch.float32 and torch.equal(out32.half(), out) and torch.equal(lse32, lse)
+    grads = attention_bwd(dout, q, k, v, out, lse, *args)
+    grads32 = attention_bwd(dout, q, k, v, out, lse, *args, unrounded=True)
+    for g16, g32 in zip(grads, grads32):
+        assert g32.dtype == torch.float32 and torch.equal(g32.half(), g16)

@@ -96,8 +96,9 @@ def split_k_attention(
     for start, end in split_bounds(k.shape[1], n_splits):
         # A unit that ends at or before the first query's position is seen whole by every query.
         span = FULL if k_offset + end <= q_offset + 1 else CAUSAL
+        # unrounded: the parts stay float32 until the one rounding after the merge.
         part_out, part_lse = attention_fwd(
-            q, k[:, start:end], v[:, start:end], scale, span, backend, q_offset, k_offset + start
+            q, k[:, start:end], v[:, start:end], scale, span, backend, q_offset, k_offset + start, unrounded=True
         )
         merge_into(out, lse, part_out, part_lse)
     if group is not None:

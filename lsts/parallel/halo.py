@@ -181,7 +181,7 @@ class _BlocksAttention(torch.autograd.Function):
         out = q.new_zeros(q.shape, dtype=acc)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
         for kv, k_offset in zip(kvs, k_offsets):
-            o, l = attention_fwd(q, *kv, scale, span, backend, q_offset, k_offset, docs, softcap)
+            o, l = attention_fwd(q, *kv, scale, span, backend, q_offset, k_offset, docs, softcap, unrounded=True)
             merge_into(out, lse, o, l)
         if sinks is not None:
             out, lse = add_sinks(out, lse, sinks)
@@ -200,7 +200,7 @@ class _BlocksAttention(torch.autograd.Function):
         dkvs = []
         for kv, k_offset in zip(kvs, k_offsets):
             dq_b, dk, dv = attention_bwd(
-                dout, q, *kv, out, lse, scale, span, backend, q_offset, k_offset, docs, softcap
+                dout, q, *kv, out, lse, scale, span, backend, q_offset, k_offset, docs, softcap, unrounded=True
             )
             dq += dq_b
             dkvs.append(torch.stack([dk, dv]).to(kv.dtype))

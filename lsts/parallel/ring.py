@@ -92,7 +92,9 @@ def ring_forward(
     def visit(src: int, kv: torch.Tensor) -> None:
         for t in tiles(layout, comm.rank, src, comm.world, s, span, docs):
             qt, kt, vt = q[:, t.q], kv[0][:, t.k], kv[1][:, t.k]
-            o, l = attention_fwd(qt, kt, vt, scale, t.span, backend, t.q_offset, t.k_offset, docs, softcap)
+            o, l = attention_fwd(
+                qt, kt, vt, scale, t.span, backend, t.q_offset, t.k_offset, docs, softcap, unrounded=True
+            )
             merge_into(out[:, t.q], lse[:, :, t.q], o, l)
 
     ring_pass(comm, torch.stack([k, v]), visit)
@@ -113,7 +115,9 @@ def ring_backward(
         dkv = torch.zeros(kv.shape, dtype=acc_dtype(q.dtype), device=q.device)
         for t in tiles(layout, comm.rank, src, comm.world, s, span, docs):
             rows = (dout[:, t.q], q[:, t.q], kv[0][:, t.k], kv[1][:, t.k], out[:, t.q], lse[:, :, t.q])
-            dq_t, dk_t, dv_t = attention_bwd(*rows, scale, t.span, backend, t.q_offset, t.k_offset, docs, softcap)
+            dq_t, dk_t, dv_t = attention_bwd(
+                *rows, scale, t.span, backend, t.q_offset, t.k_offset, docs, softcap, unrounded=True
+            )
             dq[:, t.q] += dq_t
             dkv[0][:, t.k] += dk_t
             dkv[1][:, t.k] += dv_t

@@ -72,19 +72,33 @@ def _fused_cpu(span: Span, q, k, q_offset: int, k_offset: int, docs: Documents |
     return docs is None and (span.kind == "full" or _aligned_causal(span, q, k, q_offset, k_offset))
 
 
+def unrounded_inputs(unrounded: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the accumulation dtype (exact upcasts) when ``unrounded``: a torch / reference
+    block then computes and returns in float32, so nothing is rounded to bf16 before the caller's sum."""
+    if not unrounded:
+        return tensors
+    acc = torch.promote_types(tensors[0].dtype, torch.float32)
+    return tuple(x.to(acc) for x in tensors)
+
+
 def attention_fwd(
     q, k, v, softmax_scale: float, span: Span, backend: str, q_offset: int = 0, k_offset: int = 0, docs=None,
-    softcap: float = 0.0,
+    softcap: float = 0.0, unrounded: bool = False,
 ):  # fmt: skip
     """Forward of one block: ``(out [B, Sq, H, D], lse [B, H, Sq])``. ``backend`` must be resolved.
     Query i and key j of the block sit at global positions ``q_offset + i`` and ``k_offset + j``;
     ``docs`` (`Documents`, global) keeps attention inside packed documents; ``softcap`` > 0 caps the
     scaled scores, ``softcap * tanh(s / softcap)``, before masking (Gemma2). Sinks are not a
-    block's business: they apply once to the merged result (`sinks.add_sinks`)."""
+    block's business: they apply once to the merged result (`sinks.add_sinks`). ``unrounded``:
+    ``out`` in the accumulation dtype (float32 for bf16/fp16), for a caller that merges several
+    blocks and rounds once (a ring step's partial output rounded to bf16 would add one rounding per step)."""
     if backend == "triton":
         from lsts.kernels.attention import triton as triton_attention  # imports triton only when used
 
-        return triton_attention.attention_fwd(q, k, v, softmax_scale, span, q_offset, k_offset, docs, softcap)
+        return triton_attention.attention_fwd(
+            q, k, v, softmax_scale, span, q_offset, k_offset, docs, softcap, unrounded
+        )
+    q, k, v = unrounded_inputs(unrounded, q, k, v)
     if backend == "torch":
         if not softcap and _fused_cpu(span, q, k, q_offset, k_offset, docs):
             return cpu.attention_fwd(q, k, v, softmax_scale, span.causal)
@@ -95,15 +109,18 @@ def attention_fwd(
 
 def attention_bwd(
     dout, q, k, v, out, lse, softmax_scale: float, span: Span, backend: str, q_offset=0, k_offset=0, docs=None,
-    softcap: float = 0.0,
+    softcap: float = 0.0, unrounded: bool = False,
 ):  # fmt: skip
-    """Backward of one block given the queries' *global* ``out`` and ``lse``: ``(dq, dk, dv)``."""
+    """Backward of one block given the queries' *global* ``out`` and ``lse``: ``(dq, dk, dv)``.
+    ``unrounded``: the gradients in the accumulation dtype, for a caller that sums several blocks'
+    contributions (ring steps, halo blocks) and rounds once."""
     if backend == "triton":
         from lsts.kernels.attention import triton as triton_attention
 
         return triton_attention.attention_bwd(
-            dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs, softcap
+            dout, q, k, v, out, lse, softmax_scale, span, q_offset, k_offset, docs, softcap, unrounded
         )
+    dout, q, k, v, out = unrounded_inputs(unrounded, dout, q, k, v, out)
     if backend == "torch":
         if not softcap and _fused_cpu(span, q, k, q_offset, k_offset, docs):
             return cpu.attention_bwd(dout, q, k, v, out, lse, softmax_scale, span.causal)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lsts.kernels.attention.spans import Span
-from lsts.kernels.buffers import kernel_buffer, kernel_buffer_like
+from lsts.kernels.buffers import kernel_buffer
 
 LOG2E = 1.4426950408889634
 
@@ -444,13 +444,16 @@ def _blocks(head_dim: int, device: torch.device) -> dict:
 
 
 def attention_fwd(
-    q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0, docs=None, softcap: float = 0.0
-):
-    """``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` (last dim contiguous) -> ``(out, lse)``."""
+    q, k, v, softmax_scale: float, span: Span, q_offset: int = 0, k_offset: int = 0, docs=None, softcap: float = 0.0,
+    unrounded: bool = False,
+):  # fmt: skip
+    """``q [B, Sq, H, D]``, ``k, v [B, Sk, H_kv, D]`` (last dim contiguous) -> ``(out, lse)``; ``out``
+    in float32 when ``unrounded`` (the kernel stores its float32 accumulator as it is)."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
-    out = kernel_buffer_like(q)  # NaN-poisoned under the tests: an unwritten row cannot pass unnoticed
+    # NaN-poisoned under the tests: an unwritten row cannot pass unnoticed.
+    out = kernel_buffer(q.shape, _result_dtype(q.dtype, unrounded), q.device)
     lse = kernel_buffer((b, h, sq), torch.float32, q.device)
     blocks = _blocks(d, q.device)
     grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
@@ -462,17 +465,23 @@ def attention_fwd(
     return out, lse
 
 
+def _result_dtype(dtype: torch.dtype, unrounded: bool) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32) if unrounded else dtype
+
+
 def attention_bwd(
-    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset=0, k_offset=0, docs=None, softcap: float = 0.0
-):
-    """Gradients ``(dq, dk, dv)`` given the queries' global ``out`` and ``lse``."""
+    dout, q, k, v, out, lse, softmax_scale: float, span: Span, q_offset=0, k_offset=0, docs=None, softcap: float = 0.0,
+    unrounded: bool = False,
+):  # fmt: skip
+    """Gradients ``(dq, dk, dv)`` given the queries' global ``out`` and ``lse``; float32 when
+    ``unrounded`` (dK/dV are accumulated in float32 buffers either way)."""
     q, k, v = (x.contiguous() for x in (q, k, v))
     dout = dout.contiguous()
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
     lse = lse.float().contiguous()
-    dq = kernel_buffer_like(q)
+    dq = kernel_buffer(q.shape, _result_dtype(q.dtype, unrounded), q.device)
     dk = kernel_buffer(k.shape, torch.float32, k.device)
     dv = kernel_buffer(v.shape, torch.float32, v.device)
     blocks, spans = _blocks(d, q.device), {**_span_args(span, docs, h), "SOFTCAP": float(softcap)}
@@ -484,7 +493,7 @@ def attention_bwd(
     _attn_bwd_dkv_kernel[(triton.cdiv(sk, blocks["BLOCK_N"]), b * h_kv)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *common, HEAD_DIM=d, **spans, **blocks
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(_result_dtype(k.dtype, unrounded)), dv.to(_result_dtype(v.dtype, unrounded))
 
 
 __all__ = ["attention_bwd", "attention_fwd"]

@@ -1,6 +1,6 @@
 """FlashAttention's keyword arguments, as ring-flash-attention and yunchang pass them on, in lsts
 terms: which span a ``(causal, window_size)`` pair means, and a clear error for each argument lsts
-cannot honour (never a silently ignored one)."""
+cannot honour (never a silently ignored one); ``softcap`` passes through unchanged."""
 
 from __future__ import annotations
 
@@ -27,16 +27,15 @@ def flash_span(causal: bool, window_size) -> Span:
     )
 
 
-def check_flash_args(dropout_p: float, alibi_slopes, softcap: float) -> None:
+def check_flash_args(dropout_p: float, alibi_slopes) -> None:
     """ValueError for the FlashAttention arguments lsts does not implement. ``deterministic`` needs
-    no check: lsts' kernels have no atomics, so every backward is deterministic."""
+    no check: lsts' kernels have no atomics, so every backward is deterministic. ``softcap`` needs
+    none here: lsts applies it as FlashAttention does (``softcap * tanh(scale * q·k / softcap)``,
+    before the mask) and its attention calls check the value."""
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p}: lsts attention has no attention dropout; pass dropout_p=0.0")
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes: lsts attention has no ALiBi bias; pass alibi_slopes=None (use RoPE positions)")
-    # The one place softcap is refused: pass it to lsts' attention once its kernels take it.
-    if softcap:
-        raise ValueError(f"softcap={softcap}: lsts' attention kernels do not support logit soft-capping yet; pass 0.0")
 
 
 def attn_result(out, lse, return_attn_probs: bool):

@@ -31,9 +31,11 @@ def _fixed_length(layout: str, name: str):
         softcap=0.0,
         backend="auto",
     ):
-        check_flash_args(dropout_p, alibi_slopes, softcap)
+        check_flash_args(dropout_p, alibi_slopes)
         span = flash_span(causal, window_size)
-        kw = dict(layout=layout, softmax_scale=softmax_scale, return_lse=True, backend=backend, span=span)
+        kw = dict(
+            layout=layout, softmax_scale=softmax_scale, return_lse=True, backend=backend, span=span, softcap=softcap
+        )
         out, lse = ring_attention(q, k, v, group, **kw)
         return attn_result(out, lse, return_attn_probs)
 

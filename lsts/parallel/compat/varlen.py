@@ -124,7 +124,7 @@ def _per_document(scheme: str, name: str):
         softcap=0.0,
         backend="auto",
     ):
-        check_flash_args(dropout_p, alibi_slopes, softcap)
+        check_flash_args(dropout_p, alibi_slopes)
         span = flash_span(causal, window_size)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         cu = [int(c) for c in torch.as_tensor(cu_seqlens).tolist()]
@@ -132,7 +132,9 @@ def _per_document(scheme: str, name: str):
         agree_on_varlen(group, q, k, error, **cu_fields(cu))
         target, there, back = _plan(scheme, tuple(c * world for c in cu), world, rank)
         q, k, v = (x[None] for x in there.apply([q, k, v], dim=0, group=group))
-        kw = dict(layout=target, softmax_scale=softmax_scale, return_lse=True, backend=backend, span=span)
+        kw = dict(
+            layout=target, softmax_scale=softmax_scale, return_lse=True, backend=backend, span=span, softcap=softcap
+        )
         out, lse = ring_attention(q, k, v, group, cu_seqlens=[c * world for c in cu], **kw)
         (out,) = back.apply([out[0]], dim=0, group=group)
         if not return_attn_probs:
@@ -211,7 +213,7 @@ def llama3_flash_attn_varlen_func(
     `llama3_flash_attn_prepare_cu_seqlens`. K/V are all-gathered ``heads_k_stride`` heads at a time
     (the peer's exchange; under autograd every gathered slice is kept for the backward). Returns
     ``out`` or ``(out, lse [H, total_local], None)``."""
-    check_flash_args(dropout_p, alibi_slopes, softcap)
+    check_flash_args(dropout_p, alibi_slopes)
     span = flash_span(causal, window_size)
     rank = dist.get_rank(group)
     q_cu = [int(c) for c in torch.as_tensor(cu_seqlens_q).tolist()]
@@ -231,7 +233,8 @@ def llama3_flash_attn_varlen_func(
         kv = funcol.wait_tensor(funcol.all_gather_single_autograd(kv.contiguous(), 0, group_name))[local_k_slice]
         k_h, v_h = kv.chunk(2, dim=1)
         q_h = q[:, h * per_kv : (h + heads_k_stride) * per_kv]
-        kw = dict(softmax_scale=softmax_scale, backend=backend, span=span, q_offset=q_offset, cu_seqlens=k_cu)
+        kw = dict(softmax_scale=softmax_scale, backend=backend, span=span, softcap=softcap)
+        kw.update(q_offset=q_offset, cu_seqlens=k_cu)
         out, lse = attention(q_h[None], k_h[None], v_h[None], **kw)
         outs.append(out[0])
         lses.append(lse[0])

@@ -118,7 +118,7 @@ def _check_module_args(scatter_idx: int, gather_idx: int, attn_type) -> None:
 
 class _FlashForward(torch.nn.Module):
     """yunchang's ``forward`` signature (FlashAttention's keywords; extra positional arguments are
-    refused, not dropped) over ``attend(query, key, value, span, softmax_scale)``."""
+    refused, not dropped) over ``attend(query, key, value, span, softmax_scale, softcap)``."""
 
     def forward(
         self,
@@ -135,7 +135,7 @@ class _FlashForward(torch.nn.Module):
         return_attn_probs=False,
         *args,
     ):
-        check_flash_args(dropout_p, alibi_slopes, softcap)
+        check_flash_args(dropout_p, alibi_slopes)
         if return_attn_probs:
             raise ValueError(
                 "return_attn_probs=True: yunchang's modules return the output only (they drop the lse); so does lsts. "
@@ -143,7 +143,7 @@ class _FlashForward(torch.nn.Module):
             )
         if args:
             raise ValueError(f"{len(args)} extra positional arguments after return_attn_probs: lsts takes none")
-        return self.attend(query, key, value, flash_span(causal, window_size), softmax_scale)
+        return self.attend(query, key, value, flash_span(causal, window_size), softmax_scale, softcap)
 
 
 class LongContextAttention(_FlashForward):
@@ -173,7 +173,7 @@ class LongContextAttention(_FlashForward):
         self.use_pack_qkv, self.use_sync, self.backend = use_pack_qkv, use_sync, backend
         self._mesh_checked = False
 
-    def attend(self, query, key, value, span, softmax_scale):
+    def attend(self, query, key, value, span, softmax_scale, softcap):
         if not self._mesh_checked:
             check_one_mesh(self.ulysses_pg, self.ring_pg)
             self._mesh_checked = True
@@ -186,14 +186,15 @@ class LongContextAttention(_FlashForward):
 
         # Shapes agree on the Ulysses ranks before the exchange; ring_attention checks the ring.
         scale, backend = attention_setup(
-            query, key, value, self.ulysses_pg, "contiguous", span, softmax_scale, self.backend, extra_check=check
+            query, key, value, self.ulysses_pg, "contiguous", span, softmax_scale, self.backend, check, softcap=softcap
         )
         key, value = replicate_kv_heads(key, value, n_uly)
         if self.use_pack_qkv:
             q, k, v = heads_to_sequence(torch.cat([query, key, value]), self.ulysses_pg).chunk(3)
         else:
             q, k, v = (heads_to_sequence(x, self.ulysses_pg) for x in (query, key, value))
-        out = ring_attention(q, k, v, self.ring_pg, layout=self.layout, softmax_scale=scale, backend=backend, span=span)
+        kw = dict(layout=self.layout, softmax_scale=scale, backend=backend, span=span, softcap=softcap)
+        out = ring_attention(q, k, v, self.ring_pg, **kw)
         return sequence_to_heads(out, self.ulysses_pg)
 
 
@@ -224,6 +225,6 @@ class UlyssesAttention(_FlashForward):
         _check_module_args(scatter_idx, gather_idx, attn_type)
         self.spg, self.use_sync, self.backend = sequence_process_group, use_sync, backend
 
-    def attend(self, query, key, value, span, softmax_scale):
-        kw = dict(layout="contiguous", softmax_scale=softmax_scale, backend=self.backend, span=span)
+    def attend(self, query, key, value, span, softmax_scale, softcap):
+        kw = dict(layout="contiguous", softmax_scale=softmax_scale, backend=self.backend, span=span, softcap=softcap)
         return ulysses_attention(query, key, value, self.spg, **kw)
