@@ -35,8 +35,8 @@ def _check_hybrid(layout: str, n_heads: int, ulysses_world: int, seq_len: int, w
     check_seq_len(seq_len, layout, world)
     if layout not in HYBRID_LAYOUTS:
         raise ValueError(
-            f"hybrid attention supports the layouts {HYBRID_LAYOUTS}, got {layout!r}: a stripe shard of the "
-            f"whole group is not a stripe shard of the ring after the Ulysses gather; use zigzag"
+            f"hybrid attention supports the layouts {HYBRID_LAYOUTS}, got {layout!r}: a {layout} shard of the "
+            f"whole group is not a {layout} shard of the ring after the Ulysses gather; use zigzag"
         )
     check_heads(n_heads, ulysses_world, what="hybrid (ulysses part of)")
 

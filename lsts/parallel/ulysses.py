@@ -20,7 +20,7 @@ from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, 
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import all_to_all
 from lsts.parallel.ring import document_fields
-from lsts.parallel.sharding import layout_indices
+from lsts.parallel.sharding import DOCUMENT_LAYOUTS, check_document_layout, layout_indices
 
 
 def replicate_kv_heads(k: torch.Tensor, v: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,10 +49,10 @@ def head_shard_span(span: Span, n_heads: int, rank: int, world: int) -> Span:
     return replace(span, shift_from=max(0, n_heads // 2 - rank * (n_heads // world)))
 
 
-def layout_order(seq_len: int, world: int, layout: str, ranks: range | None = None) -> torch.Tensor:
+def layout_order(seq_len: int, world: int, layout: str, ranks: range | None = None, cu_seqlens=None) -> torch.Tensor:
     """Global positions of the tokens in the order an all-to-all gathers them (rank by rank)."""
     ranks = range(world) if ranks is None else ranks
-    return torch.cat([layout_indices(seq_len, world, r, layout) for r in ranks])
+    return torch.cat([layout_indices(seq_len, world, r, layout, cu_seqlens) for r in ranks])
 
 
 def head_shard_sinks(sinks: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:
@@ -109,17 +109,20 @@ def ulysses_attention(
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 
+    docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)
+
     def check(w: int) -> None:
         check_heads(q.shape[2], w)
+        check_document_layout(layout, docs)
 
-    docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)
     scale, backend = attention_setup(
         q, k, v, group, layout, span, softmax_scale, backend, extra_check=check,
         extra_fields=document_fields(docs), softcap=softcap, sinks=sinks,
     )  # fmt: skip
     k, v = replicate_kv_heads(k, v, world)
     qh, kh, vh = (heads_to_sequence(x, group) for x in (q, k, v))
-    order = layout_order(qh.shape[1], world, layout).to(q.device)
+    order = layout_order(qh.shape[1], world, layout, cu_seqlens=docs if layout in DOCUMENT_LAYOUTS else None)
+    order = order.to(q.device)
     if layout != "contiguous":  # rank order -> global order, for the causal mask
         inverse = torch.argsort(order)
         qh, kh, vh = (x[:, inverse] for x in (qh, kh, vh))
