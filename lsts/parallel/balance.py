@@ -96,20 +96,29 @@ def _build(cu: tuple[int, ...], world: int, threshold: float) -> _Plan:
     return plan
 
 
-def _imbalance(work: list[int]) -> float:
+def imbalance(work: list[int]) -> float:
+    """max / mean of the work per rank (1.0: perfectly balanced)."""
     mean = sum(work) / len(work)
     return max(work) / mean if mean else 1.0
+
+
+def split_plan(
+    cu: tuple[int, ...], world: int, split_fraction: float
+) -> tuple[tuple[tuple[tuple[int, int], ...], ...], list[int]]:
+    """``(runs, work)`` per rank of the plan that cuts head/tail the documents whose work exceeds
+    ``split_fraction`` × the per-rank work (0: every document; inf: none) and places the rest whole."""
+    per_rank = sum(run_work(a, b, a) for a, b in pairwise(cu)) / world
+    plan = _build(cu, world, split_fraction * per_rank)
+    return tuple(_merged(runs) for runs in plan.runs), plan.work
 
 
 @lru_cache(maxsize=64)
 def balanced_runs(cu: tuple[int, ...], world: int) -> tuple[tuple[tuple[int, int], ...], ...]:
     """Per rank, its ascending, merged runs ``(first, stop)`` of global positions under the balanced
     layout of the pack ``cu`` (``cu[-1]`` a multiple of ``world``)."""
-    per_rank = sum(run_work(a, b, a) for a, b in pairwise(cu)) / world
-    plans = [_build(cu, world, f * per_rank) for f in _SPLIT_FRACTIONS]
-    best = min(_imbalance(p.work) for p in plans)
-    plan = next(p for p in plans if _imbalance(p.work) <= best * _TOLERANCE)
-    return tuple(_merged(runs) for runs in plan.runs)
+    plans = [split_plan(cu, world, f) for f in _SPLIT_FRACTIONS]
+    best = min(imbalance(work) for _, work in plans)
+    return next(runs for runs, work in plans if imbalance(work) <= best * _TOLERANCE)
 
 
 def _merged(runs: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -133,4 +142,4 @@ def work_per_rank(cu_seqlens, world: int, indices: list[torch.Tensor]) -> list[i
     return out
 
 
-__all__ = ["balanced_runs", "document_boundaries", "run_work", "work_per_rank"]
+__all__ = ["balanced_runs", "document_boundaries", "imbalance", "run_work", "split_plan", "work_per_rank"]
