@@ -157,3 +157,13 @@ def test_balanced_without_documents_errs_on_every_rank():
 def _no_documents(rank, world):
     q = torch.randn(1, 8, 2, 8)
     ring_attention(q, q, q, layout="balanced", backend="torch")
+
+
+def test_balanced_with_other_documents_per_row_errs_on_every_rank():
+    errors = errors_on_all_ranks(_documents_per_row, 2)
+    assert all("cannot share one shard" in e for e in errors), errors
+
+
+def _documents_per_row(rank, world):
+    q = torch.randn(2, 4, 2, 8)
+    ring_attention(q, q, q, layout="balanced", cu_seqlens=[[0, 3, 8], [0, 5, 8]], backend="torch")

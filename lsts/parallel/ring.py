@@ -179,9 +179,12 @@ def ring_attention(
 
     ``span`` (a `Span`; overrides ``causal``) and ``cu_seqlens`` (document boundaries of the
     *global* packed sequence, the same on every rank; per batch row as a 2-D tensor or a list of
-    lists, see `lsts.kernels.attention.attention`) need layout zigzag or contiguous: each ring
-    step attends only the pairs of contiguous runs the span can reach, at their global offsets.
-    Window, block, S² and SF spans whose reach fits inside a run skip the ring: a halo exchange with
+    lists, see `lsts.kernels.attention.attention`) need layout zigzag, contiguous or balanced
+    (which needs ``cu_seqlens``, one list for the batch, the one its shards were cut by): each ring
+    step attends only the pairs of contiguous runs the span and documents can reach, at their
+    global offsets.
+    On zigzag and contiguous shards, window, block, S² and SF spans whose reach fits inside a run
+    skip the ring (balanced shards take the ring, visiting only the runs in reach): a halo exchange with
     the neighbours brings the few keys they need, and rank 0 sends SF's sinks once
     (`lsts.parallel.halo`), so traffic is ∝ the span, not N.
 
