@@ -167,3 +167,25 @@ def test_balanced_with_other_documents_per_row_errs_on_every_rank():
 def _documents_per_row(rank, world):
     q = torch.randn(2, 4, 2, 8)
     ring_attention(q, q, q, layout="balanced", cu_seqlens=[[0, 3, 8], [0, 5, 8]], backend="torch")
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "balanced"])
+@pytest.mark.parametrize("span", [Span("causal"), Span("window", 5), Span("sf", 6, 3)], ids=lambda s: s.kind)
+def test_ring_tiles_cover_every_pair_that_documents_and_span_allow(layout, span):
+    """Every unmasked (query, key) pair of the whole pack lies in a tile of its ring step; the
+    runs are found by bisection, so a missed run would show here."""
+    for world in (2, 3, 4):
+        for seed in range(3):
+            n = 2 * world * 6
+            cu = _random_pack(n, seed=seed, median=3)
+            docs = Documents.from_cu_seqlens(cu)
+            pos = [layout_indices(n, world, r, layout, cu_seqlens=cu) for r in range(world)]
+            same_doc = docs.mask(torch.arange(n), torch.arange(n))
+            allowed = span.mask(torch.arange(n), torch.arange(n), 2).any(0) & same_doc  # any head (S², SF shift half)
+            for rank in range(world):
+                for src in range(world):
+                    covered = torch.zeros(n // world, n // world, dtype=torch.bool)
+                    for t in tiles(layout, rank, src, world, n // world, span, docs):
+                        covered[t.q, t.k] = True
+                    need = allowed[pos[rank][:, None], pos[src][None, :]]
+                    assert not (need & ~covered).any(), (world, seed, rank, src)

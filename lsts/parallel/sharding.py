@@ -16,6 +16,7 @@ the score matrix are unmasked under a causal mask: ring attention computes exact
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import torch
@@ -238,13 +239,19 @@ def tiles(layout, rank, src, world, s_local, span: Span, docs: Documents | None 
         return ring_tiles(layout, rank, src, world, s_local, span.causal)
     out = []
     k_chunks = shard_chunks(layout, src, world, s_local, docs)
+    # Runs come in ascending global order, disjoint: the runs in reach are one slice of them, found by
+    # bisection (a balanced shard of many short documents has many runs).
+    k_ends = [k_first + k_rows.stop - k_rows.start for k_rows, k_first in k_chunks]
     for q_rows, q_first in shard_chunks(layout, rank, world, s_local, docs):
         n_q = q_rows.stop - q_rows.start
         lo, hi = _reach(span, docs, q_first, q_first + n_q - 1)
-        for k_rows, k_first in k_chunks:
-            n_k = k_rows.stop - k_rows.start
-            # Sinks lie in the first documents; a query sees them only from one of those.
-            sinks = k_first < span.n_sink and (docs is None or docs.bounds(q_first, q_first)[0] < span.n_sink)
-            if sinks or max(lo, k_first) < min(hi, k_first + n_k):
+        # Sinks lie in the first documents; a query sees them only from one of those.
+        sees_sinks = span.n_sink > 0 and (docs is None or docs.bounds(q_first, q_first)[0] < span.n_sink)
+        for i in range(0 if sees_sinks else bisect_right(k_ends, lo), len(k_chunks)):
+            k_rows, k_first = k_chunks[i]
+            sinks = sees_sinks and k_first < span.n_sink
+            if k_first >= hi and not sinks:
+                break
+            if sinks or max(lo, k_first) < min(hi, k_ends[i]):
                 out.append(Tile(q_rows, k_rows, span, q_first, k_first))
     return out
