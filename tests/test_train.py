@@ -88,7 +88,9 @@ def test_context_parallel_equals_one_process(tmp_path, layout_args):
 
 def test_ulysses_with_heads_it_does_not_divide_equals_one_process(tmp_path):
     heads = ["--model.dim=24", "--model.n_heads=3", "--model.n_kv_heads=1"]
-    _assert_same_run(_run(tmp_path, "u2", 2, *heads, "--parallel.cp_ulysses=2"), _run(tmp_path, "one", 1, *heads))
+    two = _run(tmp_path, "u2", 2, *heads, "--parallel.cp_ulysses=2")
+    _assert_same_run(two, _run(tmp_path, "one", 1, *heads))
+    assert all(r["cp_imbalance"] == 1.0 for r in two)  # both Ulysses ranks attend every token
 
 
 def _short_documents(tmp_path) -> str:

@@ -418,7 +418,7 @@ class TorchUpdate:
 def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tuple[float, int, float]:
     """Forward and backward of ``grad_accum`` micro-batches; returns the token-weighted mean loss
     over all data- and context-parallel ranks, the number of tokens it averaged, and the attention
-    imbalance of the step: max / mean unmasked pairs per cp rank, the worst over the dp ranks."""
+    imbalance of the step: max / mean unmasked pairs per ring rank, the worst over the dp ranks."""
     micro = []
     local_tokens = torch.zeros((), dtype=torch.float64)
     cp_work = torch.zeros(dims.cp, dtype=torch.float64)
@@ -427,7 +427,10 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device) -> tup
         micro.append(batch)
         local_tokens += int((batch.labels != IGNORE_INDEX).sum())
         cp_work += torch.tensor(batch.cp_work, dtype=torch.float64)
-    imbalance = torch.tensor([(cp_work.max() / cp_work.mean().clamp_min(1)).item()], dtype=torch.float64)
+    # cp rank r·U + u is Ulysses rank u of ring rank r; a ring rank's Ulysses ranks split its tokens'
+    # work by heads, so the ring ranks are what a layout balances.
+    ring_work = cp_work.view(dims.cp_ring, dims.cp_ulysses).sum(1)
+    imbalance = torch.tensor([(ring_work.max() / ring_work.mean().clamp_min(1)).item()], dtype=torch.float64)
     dist.all_reduce(imbalance, op=dist.ReduceOp.MAX, group=dp_cp_group)
     total = local_tokens.clone()
     dist.all_reduce(total, group=dp_cp_group)  # every rank divides by the same global count
