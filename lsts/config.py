@@ -103,7 +103,11 @@ class ParallelConfig:
     pp: int = _f(1, "pipeline-parallel stages")
     cp_ring: int = _f(-1, "context parallelism: ring attention degree; -1 = whatever the other degrees leave")
     cp_ulysses: int = _f(1, "context parallelism: Ulysses (all-to-all over heads) degree")
-    layout: Literal["zigzag", "contiguous", "stripe"] = _f("zigzag", "how the sequence is cut across cp ranks")
+    layout: Literal["zigzag", "contiguous", "stripe", "balanced", "auto"] = _f(
+        "zigzag",
+        "how the sequence is cut across cp ranks; balanced: by each pack's documents, equal work under doc masking; "
+        "auto: per row, zigzag or (ring only, doc masking) balanced, whichever loads the busiest rank least",
+    )
     dp_engine: Literal["fsdp2", "ddp", "zero1", "zero2", "zero3"] = _f("fsdp2", "data-parallel engine")
     activation_checkpoint: Literal["none", "full", "selective"] = _f("none", "recompute activations in backward")
     activation_offload: bool = _f(
@@ -123,7 +127,7 @@ class ParallelConfig:
     def seq_len_divisor(self) -> int:
         """Global sequence lengths must be multiples of this (same rule as
         `lsts.parallel.sharding.seq_len_divisor`; a test keeps the two equal)."""
-        return 2 * self.cp if self.layout == "zigzag" else self.cp
+        return 2 * self.cp if self.layout in ("zigzag", "auto") else self.cp  # auto may take zigzag
 
     def resolved(self, world_size: int) -> ParallelConfig:
         """A copy with the one degree set to -1 (``dp_shard`` or ``cp_ring``) filled in for
@@ -398,6 +402,11 @@ class Sections:
             errors.append(
                 "parallel.layout 'stripe' does not compose ring with Ulysses (see lsts.parallel.hybrid); use zigzag"
             )
+        if p.layout == "balanced" and ((p.cp_ring > 1 and p.cp_ulysses > 1) or not d.doc_masking):
+            errors.append(
+                "parallel.layout 'balanced' cuts each pack by its documents: it needs data.doc_masking=true and "
+                "does not compose ring with Ulysses (see lsts.parallel.hybrid); use zigzag or auto"
+            )
         if p.cp_ring != -1 and d.seq_len % (div := p.seq_len_divisor):  # -1: checked once the world is known
             lo, hi = d.seq_len // div * div, (d.seq_len // div + 1) * div
             errors.append(
@@ -458,10 +467,10 @@ class Config(Sections):
             errors.append(f"model.n_full ({m.n_full}) exceeds model.n_layers ({m.n_layers})")
         elif len(m.full_layer_ids()) < m.n_layers and m.span_size < 1:
             errors.append(f"model.span_size must be >= 1 for the {m.span} layers; set e.g. --model.span_size=1024")
-        if m.n_heads % (p.tp * p.cp_ulysses):
+        if m.n_heads % p.tp or m.n_heads < p.tp * p.cp_ulysses:  # Ulysses splits unevenly, tp evenly
             errors.append(
-                f"model.n_heads ({m.n_heads}) must be divisible by parallel.tp × parallel.cp_ulysses "
-                f"({p.tp} × {p.cp_ulysses}): both split the heads"
+                f"model.n_heads ({m.n_heads}) must be divisible by parallel.tp and give each of the "
+                f"parallel.tp × parallel.cp_ulysses ({p.tp} × {p.cp_ulysses}) ranks a head: both split the heads"
             )
         if p.pp > m.n_layers:
             errors.append(f"parallel.pp ({p.pp}) exceeds model.n_layers ({m.n_layers}): each stage needs a layer")

@@ -37,8 +37,8 @@ def _heads_not_divisible_on_one_rank(rank, world):
     ring_attention(*_qkv(h=4, hkv=4 if rank == 0 else 3))
 
 
-def _ulysses_heads_not_divisible(rank, world):
-    ulysses_attention(*_qkv(h=3, hkv=3))
+def _ulysses_fewer_heads_than_ranks(rank, world):
+    ulysses_attention(*_qkv(h=1, hkv=1))
 
 
 def _hybrid_stripe(rank, world):
@@ -85,7 +85,7 @@ CASES = [
         id="bad-heads-on-one-rank-only",
     ),
     pytest.param(
-        _ulysses_heads_not_divisible, 2, ["splits the 3 query heads over 2 ranks"] * 2, id="ulysses-heads-not-divisible"
+        _ulysses_fewer_heads_than_ranks, 2, ["it needs at least 2 heads"] * 2, id="ulysses-fewer-heads-than-ranks"
     ),
     pytest.param(_hybrid_stripe, 2, ["hybrid attention supports the layouts"] * 2, id="hybrid-with-stripe-layout"),
     pytest.param(

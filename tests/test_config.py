@@ -210,6 +210,9 @@ def test_save_and_dict_round_trip(tmp_path):
         (["--parallel.cp_ring=3", "--seq-len=4096"], "data.seq_len (4096) must be a multiple of 6"),
         (["--parallel.pp=5"], "parallel.pp (5) exceeds model.n_layers (4)"),
         (["--parallel.layout=stripe", "--parallel.cp_ring=2", "--parallel.cp_ulysses=2"], "stripe"),
+        (["--parallel.layout=balanced", "--data.doc_masking=false"], "it needs data.doc_masking=true"),
+        (["--parallel.layout=balanced", "--parallel.cp_ring=2", "--parallel.cp_ulysses=2"], "use zigzag or auto"),
+        (["--parallel.layout=auto", "--parallel.cp_ring=3", "--seq-len=4099"], "must be a multiple of 6"),
     ],
 )
 def test_validation_errors(argv, message):
@@ -266,7 +269,7 @@ def test_a_launcher_checks_the_degrees_against_its_world():
     assert load_config(["--parallel.tp=2"], world_size=2).parallel.tp == 2
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe", "balanced"])
 def test_seq_len_divisor_matches_sharding(layout):
     sharding = pytest.importorskip("lsts.parallel.sharding")
     for ring, uly in [(1, 1), (3, 1), (2, 4)]:

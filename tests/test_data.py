@@ -113,7 +113,10 @@ def test_dp_ranks_get_disjoint_windows_covering_the_stream():
     assert all(torch.equal(seen[w], reference[w]) for w in seen)
 
 
-@pytest.mark.parametrize("layout,cp", [("zigzag", 2), ("zigzag", 4), ("contiguous", 3), ("stripe", 2)])
+@pytest.mark.parametrize(
+    "layout,cp",
+    [("zigzag", 2), ("zigzag", 4), ("contiguous", 3), ("stripe", 2), ("balanced", 2), ("balanced", 3), ("auto", 2)],
+)
 def test_cp_shards_reassemble_to_the_unsharded_batch(layout, cp):
     corpus, seq_len = random_corpus(n_docs=80), 24
     full = take(PackedDataLoader(corpus, seq_len=seq_len, batch_size=2, seed=1), 3)
@@ -125,13 +128,44 @@ def test_cp_shards_reassemble_to_the_unsharded_batch(layout, cp):
         for name in ("tokens", "labels", "positions"):
             got = torch.empty_like(getattr(want, name))
             for rank in range(cp):
-                part = getattr(shards[rank][step], name)
+                part, mine = getattr(shards[rank][step], name), shards[rank][step]
                 assert part.shape == (2, seq_len // cp)
-                got[:, layout_indices(seq_len, cp, rank, layout)] = part
+                for row, (row_layout, cu) in enumerate(zip(mine.layouts, mine.cu_seqlens)):
+                    assert row_layout == layout or layout == "auto"
+                    got[row, layout_indices(seq_len, cp, rank, row_layout, cu)] = part[row]
             assert torch.equal(got, getattr(want, name)), name
         for rank in range(cp):
             mine = shards[rank][step]
             assert all(torch.equal(c, d) for c, d in zip(mine.cu_seqlens, want.cu_seqlens))  # global
+
+
+def _pairs(cu, columns) -> int:
+    """Causal-within-document (query, key) pairs of the queries ``columns``, one query at a time."""
+    return sum(p - max(c for c in cu if c <= p) + 1 for p in columns.tolist())
+
+
+@pytest.mark.parametrize("doc_masking", [True, False])
+def test_auto_layout_takes_the_least_loaded_busiest_rank_and_reports_the_work(doc_masking):
+    corpus, seq_len, cp = random_corpus(n_docs=80), 32, 4
+    kw = dict(seq_len=seq_len, batch_size=2, seed=2, cp_world=cp, layout="auto", doc_masking=doc_masking)
+    batches = take(PackedDataLoader(corpus, **kw), 4)
+    chose = []
+    for batch in batches:
+        work = [0] * cp
+        for row, cu in enumerate(batch.cu_seqlens):
+            cu = cu.tolist() if doc_masking else [0, seq_len]
+            cost = {}
+            for layout in ("zigzag", "balanced") if doc_masking else ("zigzag",):
+                cost[layout] = [
+                    _pairs(cu, layout_indices(seq_len, cp, r, layout, batch.cu_seqlens[row])) for r in range(cp)
+                ]
+            best = min(cost, key=lambda name: max(cost[name]))
+            assert max(cost[batch.layouts[row]]) == max(cost[best]), (row, cost)
+            chose.append(batch.layouts[row])
+            work = [a + b for a, b in zip(work, cost[batch.layouts[row]])]
+        assert batch.cp_work == work
+    # Under doc masking some rows are better balanced by documents; without it, only zigzag is a choice.
+    assert "balanced" in chose if doc_masking else set(chose) == {"zigzag"}
 
 
 def test_same_seed_same_batches_other_seed_other_batches():

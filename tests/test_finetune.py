@@ -197,6 +197,7 @@ def test_rolled_s2_ablation_trains_on_one_process(checkpoint, tmp_path):
         (["--finetune.s2_variant=roll"], "one device"),
         (["--seq-len=132"], "multiple of"),
         (["--parallel.tp=2", "--parallel.cp_ring=1"], "tp=1"),
+        (["--parallel.layout=auto"], "fine-tuning shards by zigzag or contiguous"),
     ],
 )
 def test_bad_runs_fail_on_every_rank_with_the_fix(checkpoint, tmp_path, extra, match):

@@ -99,6 +99,15 @@ def test_json_holds_the_breakdown_and_the_model_flops(tmp_path):
     assert p["comm_buffers_in_activations"] == 0 and p["comm_bytes"] == {}  # one rank sends nothing
 
 
+@SLOW  # two planner runs (~45 s on the shared cores)
+def test_per_pack_layouts_are_planned_as_zigzag(tmp_path):
+    """balanced and auto hold N/P tokens a rank and send the K/V blocks zigzag sends."""
+    args = ["--nproc=2", "--seq-len=512", "--model.n_layers=2", "--parallel.cp_ring=2"]
+    zigzag, auto = (_plan_json(tmp_path, *args, f"--parallel.layout={layout}") for layout in ("zigzag", "auto"))
+    assert auto["comm_bytes"] == zigzag["comm_bytes"] and auto["comm_bytes"]
+    assert auto["peak_gib_per_rank"] == pytest.approx(zigzag["peak_gib_per_rank"], rel=0.02)
+
+
 def test_gpu_prediction_counts_bf16_weights_and_adam_state_and_a_roofline(tmp_path):
     args = ["--seq-len=1024", "--model.n_layers=2", "--model.dim=128", "--model.n_heads=4"]
     p = _plan_json(tmp_path, "--nproc=1", "--gpu=h100-80gb", *args)

@@ -6,6 +6,7 @@ from ``metrics.jsonl``, as a user would."""
 import json
 import math
 import os
+import random
 
 import pytest
 
@@ -83,6 +84,40 @@ def test_context_parallel_equals_one_process(tmp_path, layout_args):
     one = _run(tmp_path, "cp1", 1)
     two = _run(tmp_path, "cp2", 2, *layout_args)
     _assert_same_run(two, one)
+
+
+def test_ulysses_with_heads_it_does_not_divide_equals_one_process(tmp_path):
+    heads = ["--model.dim=24", "--model.n_heads=3", "--model.n_kv_heads=1"]
+    two = _run(tmp_path, "u2", 2, *heads, "--parallel.cp_ulysses=2")
+    _assert_same_run(two, _run(tmp_path, "one", 1, *heads))
+    assert all(r["cp_imbalance"] == 1.0 for r in two)  # both Ulysses ranks attend every token
+
+
+def _short_documents(tmp_path) -> str:
+    """A corpus of 5-60 byte documents: a 128-token window packs several, cut anywhere."""
+    rng = random.Random(0)
+    path = tmp_path / "short.jsonl"
+    with open(path, "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": "".join(rng.choice("abcdefgh \n") for _ in range(rng.randint(5, 60)))}) + "\n")
+    return str(path)
+
+
+def test_layouts_by_documents_on_packed_data_equal_one_process(tmp_path):
+    data = f"--data.dataset={_short_documents(tmp_path)}"
+    one = _run(tmp_path, "cp1", 1, data)
+    runs = {
+        layout: _run(tmp_path, layout, 2, data, "--parallel.cp_ring=2", f"--parallel.layout={layout}")
+        for layout in ("balanced", "auto", "zigzag")
+    }
+    for layout in ("balanced", "auto"):
+        _assert_same_run(runs[layout], one)
+    assert all("cp_imbalance" not in r for r in one)
+    for step, (bal, auto, zig) in enumerate(zip(*(runs[name] for name in ("balanced", "auto", "zigzag")))):
+        imbalance = [r["cp_imbalance"] for r in (bal, auto, zig)]
+        assert all(x >= 1 for x in imbalance), (step, imbalance)
+        assert imbalance[1] <= min(imbalance[0], imbalance[2]) + 1e-12, (step, imbalance)  # auto: the better
+    assert sum(r["cp_imbalance"] for r in runs["balanced"]) < sum(r["cp_imbalance"] for r in runs["zigzag"])
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
@@ -277,7 +312,7 @@ def test_resume_reshards_cp2_checkpoint_into_one_process(tmp_path):
         pytest.param(["--parallel.cp_ring=3", "--seq-len=132"], "do not fit a world of 2", id="world-mismatch"),
         pytest.param(["--parallel.cp_ring=2", "--seq-len=130"], "multiple of 4", id="seq-len"),
         pytest.param(
-            ["--parallel.cp_ulysses=2", "--model.dim=24", "--model.n_heads=3", "--model.n_kv_heads=1"],
+            ["--parallel.cp_ulysses=2", "--model.dim=8", "--model.n_heads=1", "--model.n_kv_heads=1"],
             "cp_ulysses",
             id="heads",
         ),

@@ -147,6 +147,11 @@ class FinetuneJob:
         if cfg.parallel.dp_engine in zero.ZERO_STAGES:
             zero.check_config(cfg)
         dims.check_model(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+        if cfg.parallel.layout in ("balanced", "auto"):  # the pretraining loader's per-pack layouts
+            raise ValueError(
+                f"parallel.layout {cfg.parallel.layout!r} is chosen per pack by the pretraining data pipeline; "
+                "fine-tuning shards by zigzag or contiguous: set one of them"
+            )
         dims.check_seq_len(cfg.data.seq_len, cfg.parallel.layout)
         # SPT's sparse MHA picks keys anywhere in a query's prefix: it runs on whole sequences only
         # (lsts.finetune.spt); under cp > 1 the routed FFN still applies, with dense attention.

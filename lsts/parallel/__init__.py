@@ -9,6 +9,7 @@ from lsts.parallel.hybrid import hybrid_attention
 from lsts.parallel.ring import ring_attention
 from lsts.parallel.rsa import rsa_attention
 from lsts.parallel.sharding import (
+    DOCUMENT_LAYOUTS,
     LAYOUTS,
     gather_sequence,
     layout_indices,
@@ -20,6 +21,7 @@ from lsts.parallel.sharding import (
 from lsts.parallel.ulysses import ulysses_attention
 
 __all__ = [
+    "DOCUMENT_LAYOUTS",
     "LAYOUTS",
     "RingComm",
     "all_to_all",

@@ -89,16 +89,17 @@ class ParallelDims:
             )
 
     def check_model(self, n_heads: int, n_kv_heads: int) -> None:
-        """Heads must split over tp, then the remaining heads of a rank over cp_ulysses."""
+        """Heads must split evenly over tp, then the remaining heads of a rank over cp_ulysses (any
+        split, at least one head per rank)."""
         if n_heads % self.tp or n_kv_heads % self.tp:
             raise ValueError(
                 f"tensor parallelism splits heads: n_heads ({n_heads}) and n_kv_heads ({n_kv_heads}) must be "
                 f"divisible by parallel.tp ({self.tp})"
             )
-        if (n_heads // self.tp) % self.cp_ulysses:
+        if n_heads // self.tp < self.cp_ulysses:  # uneven splits are fine; an empty one is not
             raise ValueError(
                 f"Ulysses splits the {n_heads // self.tp} heads of a tensor-parallel rank over parallel.cp_ulysses "
-                f"({self.cp_ulysses}), which does not divide them; lower cp_ulysses and raise cp_ring"
+                f"({self.cp_ulysses}), more ranks than heads; lower cp_ulysses and raise cp_ring"
             )
 
     def check_seq_len(self, seq_len: int, layout: str) -> None:

@@ -19,13 +19,12 @@ from lsts.parallel.checks import attention_setup
 from lsts.parallel.ring import document_fields, ring_attention
 from lsts.parallel.sharding import check_seq_len, layout_indices
 from lsts.parallel.ulysses import (
-    check_heads,
+    check_head_count,
     head_shard_sinks,
     head_shard_span,
-    heads_to_sequence,
+    heads_back,
     layout_order,
-    replicate_kv_heads,
-    sequence_to_heads,
+    scatter_heads,
 )
 
 HYBRID_LAYOUTS = ("contiguous", "zigzag")
@@ -35,10 +34,10 @@ def _check_hybrid(layout: str, n_heads: int, ulysses_world: int, seq_len: int, w
     check_seq_len(seq_len, layout, world)
     if layout not in HYBRID_LAYOUTS:
         raise ValueError(
-            f"hybrid attention supports the layouts {HYBRID_LAYOUTS}, got {layout!r}: a stripe shard of the "
-            f"whole group is not a stripe shard of the ring after the Ulysses gather; use zigzag"
+            f"hybrid attention supports the layouts {HYBRID_LAYOUTS}, got {layout!r}: a {layout} shard of the "
+            f"whole group is not a {layout} shard of the ring after the Ulysses gather; use zigzag"
         )
-    check_heads(n_heads, ulysses_world, what="hybrid (ulysses part of)")
+    check_head_count(n_heads, ulysses_world, what="hybrid (ulysses part of)")
 
 
 def check_mesh_order(ring_group: dist.ProcessGroup, ulysses_group: dist.ProcessGroup) -> None:
@@ -80,7 +79,8 @@ def hybrid_attention(
     """Ulysses × ring attention. Pass ``ring_group`` and ``ulysses_group``, or ``mesh``: a 2-D
     DeviceMesh whose axis 0 is the ring and axis 1 the Ulysses group. ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` sharded by ``layout`` over all ``U·R`` ranks; returns
-    ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Needs ``H % U == 0``.
+    ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]`` when ``return_lse``). Any ``H >= U``: the
+    heads split over the Ulysses group as in `ulysses_attention`.
     ``span`` and ``cu_seqlens`` as in `ring_attention` (zigzag or contiguous). ``softcap`` and
     ``sinks [H]`` as in `ulysses_attention`: each rank's ``sinks.grad`` holds the part of its heads
     and its ring shard's queries. The groups must be the axes of one mesh in that rank order
@@ -111,8 +111,7 @@ def hybrid_attention(
     world, ring_rank = n_uly * n_ring, dist.get_rank(ring_group)
     seq_len = q.shape[1] * world
 
-    k, v = replicate_kv_heads(k, v, n_uly)
-    qh, kh, vh = (heads_to_sequence(x, ulysses_group) for x in (q, k, v))
+    qh, kh, vh = scatter_heads(q, k, v, ulysses_group)
     # Put the gathered tokens (rank by rank) in the order of ring rank r's shard over R ranks.
     gathered = layout_order(seq_len, world, layout, range(ring_rank * n_uly, (ring_rank + 1) * n_uly))
     to_ring = torch.argsort(gathered)
@@ -126,9 +125,4 @@ def hybrid_attention(
         span=head_shard_span(span, q.shape[2], uly_rank, n_uly), cu_seqlens=docs, softcap=softcap,
         sinks=head_shard_sinks(sinks, uly_rank, n_uly),
     )  # fmt: skip
-    out = sequence_to_heads(out[:, from_ring], ulysses_group)
-    if not return_lse:
-        return out
-    with torch.no_grad():
-        lse = sequence_to_heads(lse[:, :, from_ring].transpose(1, 2).unsqueeze(-1), ulysses_group)
-    return out, lse.squeeze(-1).transpose(1, 2).contiguous()
+    return heads_back(out[:, from_ring], lse[:, :, from_ring] if return_lse else None, ulysses_group, q.shape[2])

@@ -35,7 +35,7 @@ from lsts.kernels.attention.sinks import add_sinks, sinks_grad
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import RingComm
 from lsts.parallel.halo import halo_applies, halo_attention
-from lsts.parallel.sharding import shard_chunks, tiles
+from lsts.parallel.sharding import DOCUMENT_LAYOUTS, check_document_layout, shard_chunks, tiles
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -183,9 +183,12 @@ def ring_attention(
 
     ``span`` (a `Span`; overrides ``causal``) and ``cu_seqlens`` (document boundaries of the
     *global* packed sequence, the same on every rank; per batch row as a 2-D tensor or a list of
-    lists, see `lsts.kernels.attention.attention`) need layout zigzag or contiguous: each ring
-    step attends only the pairs of contiguous runs the span can reach, at their global offsets.
-    Window, block, S² and SF spans whose reach fits inside a run skip the ring: a halo exchange with
+    lists, see `lsts.kernels.attention.attention`) need layout zigzag, contiguous or balanced
+    (which needs ``cu_seqlens``, one list for the batch, the one its shards were cut by): each ring
+    step attends only the pairs of contiguous runs the span and documents can reach, at their
+    global offsets.
+    On zigzag and contiguous shards, window, block, S² and SF spans whose reach fits inside a run
+    skip the ring (balanced shards take the ring, visiting only the runs in reach): a halo exchange with
     the neighbours brings the few keys they need, and rank 0 sends SF's sinks once
     (`lsts.parallel.halo`), so traffic is ∝ the span, not N.
 
@@ -202,11 +205,13 @@ def ring_attention(
     span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 
-    def check_span(world: int) -> None:
-        if cu_seqlens is not None or span.kind not in ("causal", "full"):
-            shard_chunks(layout, 0, world, q.shape[1])  # zigzag or contiguous, or a clear error
-
     docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)  # (a bad one raises before any collective)
+
+    def check_span(world: int) -> None:
+        if cu_seqlens is not None or span.kind not in ("causal", "full") or layout in DOCUMENT_LAYOUTS:
+            check_document_layout(layout, docs)
+            shard_chunks(layout, 0, world, q.shape[1], docs)  # a layout with runs, or a clear error
+
     scale, backend = attention_setup(
         q, k, v, group, layout, span, softmax_scale, backend, extra_check=check_span,
         extra_fields=document_fields(docs), softcap=softcap, sinks=sinks,

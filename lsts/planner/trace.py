@@ -224,15 +224,17 @@ def trace_step(
     and an unsharded gradient piling up through the backward would move the traced peak to where
     it is not. The optimizer state is then not traced either."""
     p, seq = cfg.parallel, cfg.data.seq_len
+    # The per-pack layouts hold N/P tokens a rank and send what zigzag sends: traced as zigzag.
+    layout = "zigzag" if p.layout in ("balanced", "auto") else p.layout
     local = seq // dims.cp
     sent: dict[str, int] = defaultdict(int)
     if dims.cp > 1:
         _fake_world(dims.world_size)
-        ctx = dims.attention_context(dims.build_mesh("cpu"), cfg.kernels.attention, p.layout)
+        ctx = dims.attention_context(dims.build_mesh("cpu"), cfg.kernels.attention, layout)
     else:
-        ctx = ONE_RANK.attention_context(None, cfg.kernels.attention, p.layout)
+        ctx = ONE_RANK.attention_context(None, cfg.kernels.attention, layout)
     ctx = ctx.with_documents(documents)
-    positions = _positions(seq, dims.cp, p.layout)
+    positions = _positions(seq, dims.cp, layout)
     received = _LiveBytes()
     transport = _sequence_parallel_transport(sent, received)
     with FakeTensorMode(allow_non_fake_inputs=True) as fake, _PlausibleReads(), transport:

@@ -31,7 +31,10 @@ Splitting: window ``i`` of an epoch goes to dp rank ``i mod dp_world``; a batch 
 ``batch_size`` windows per rank. The tail of an epoch that does not fill a batch on every rank is
 dropped, so all ranks run the same number of steps. Each cp rank keeps the columns
 `lsts.parallel.sharding.layout_indices` gives it; ``cu_seqlens`` stays global, as the attention
-kernels take it. The loader state is ``(epoch, windows consumed)``: a pure function of the seed,
+kernels take it. Layout ``"auto"`` picks, for every row, among ``auto_layouts`` (by default whole-pack
+zigzag and ``balanced``) the one whose busiest cp rank computes the fewest unmasked (query, key)
+pairs (ties: the first); `Batch` says which layout each row took and the work of every cp rank.
+The loader state is ``(epoch, windows consumed)``: a pure function of the seed,
 so resuming reproduces the uninterrupted run exactly.
 
 Limits: the whole corpus is tokenized into memory at start-up (right for the demo corpus; a
@@ -53,11 +56,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsts.parallel.sharding import check_seq_len, layout_indices
+from lsts.parallel.balance import work_per_rank
+from lsts.parallel.sharding import DOCUMENT_LAYOUTS, check_seq_len, layout_indices
 
 IGNORE_INDEX = -100  # the ignore_index of torch.nn.functional.cross_entropy
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")  # a .json file is read when named itself
+AUTO_LAYOUTS = ("zigzag", "balanced")  # what layout "auto" chooses from by default, preferred first
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -291,6 +296,8 @@ class Batch:
     cu_seqlens: list[torch.Tensor]  # B × [n_segments + 1] int32
     epoch: int
     windows: list[int]  # the rows' window indices in the epoch's stream
+    layouts: list[str]  # the cp layout of each row (its columns, and what attention must be told)
+    cp_work: list[int]  # unmasked (query, key) pairs of every cp rank over the rows, under those layouts
 
 
 def pack_window(tokens: np.ndarray, doc_starts: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -319,12 +326,14 @@ class PackedDataLoader:
         cp_rank: int = 0,
         cp_world: int = 1,
         layout: str = "zigzag",
+        doc_masking: bool = True,
+        auto_layouts: tuple[str, ...] = AUTO_LAYOUTS,
     ) -> None:
-        _check_ranks(seq_len, batch_size, dp_rank, dp_world, cp_rank, cp_world, layout)
+        self.layouts = row_layouts(layout, auto_layouts, doc_masking)
+        _check_ranks(seq_len, batch_size, dp_rank, dp_world, cp_rank, cp_world, self.layouts)
         self.corpus, self.seq_len, self.batch_size, self.seed = corpus, seq_len, batch_size, seed
         self.dp_rank, self.dp_world = dp_rank, dp_world
-        # One cp rank holds the whole sequence whatever the layout, and any length is fine then.
-        self.columns = layout_indices(seq_len, cp_world, cp_rank, layout) if cp_world > 1 else torch.arange(seq_len)
+        self.cp_rank, self.cp_world, self.doc_masking = cp_rank, cp_world, doc_masking
         self.windows_per_epoch = (corpus.n_tokens - 1) // seq_len
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -372,16 +381,38 @@ class PackedDataLoader:
         windows = [self.cursor + j * self.dp_world + self.dp_rank for j in range(self.batch_size)]
         rows = [pack_window(*self.window(w)) for w in windows]
         self.cursor += step
-        tokens, labels, positions = (torch.from_numpy(np.stack([r[i] for r in rows])) for i in range(3))
-        cols = self.columns
+        picks = [self.pick_layout(r[3]) for r in rows]
+        cols = [columns[self.cp_rank] for _, columns, _ in picks]
+        tokens, labels, positions = (
+            torch.stack([torch.from_numpy(r[i])[c] for r, c in zip(rows, cols)]) for i in range(3)
+        )
         return Batch(
-            tokens=tokens[:, cols],
-            labels=labels[:, cols],
-            positions=positions[:, cols],
+            tokens=tokens,
+            labels=labels,
+            positions=positions,
             cu_seqlens=[torch.from_numpy(r[3]).to(torch.int32) for r in rows],
             epoch=self.epoch,
             windows=windows,
+            layouts=[layout for layout, _, _ in picks],
+            cp_work=[sum(work) for work in zip(*(w for _, _, w in picks))],
         )
+
+    def pick_layout(self, cu: np.ndarray) -> tuple[str, list[torch.Tensor], list[int]]:
+        """``(layout, columns of every cp rank, work of every cp rank)`` of a row with segments ``cu``:
+        of `self.layouts`, the one whose busiest cp rank has the least work (ties: the first).
+        Work counts the pairs attention computes: inside segments under doc masking, else causal
+        over the whole row."""
+        work_cu = cu if self.doc_masking else [0, self.seq_len]
+        best = None
+        for layout in self.layouts:
+            if self.cp_world == 1:  # one cp rank holds the whole sequence whatever the layout
+                columns = [torch.arange(self.seq_len)]
+            else:
+                columns = [layout_indices(self.seq_len, self.cp_world, r, layout, cu) for r in range(self.cp_world)]
+            work = work_per_rank(work_cu, self.cp_world, columns)
+            if best is None or max(work) < max(best[2]):
+                best = (layout, columns, work)
+        return best
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands after the last batch returned. The position counts windows of the
@@ -406,27 +437,54 @@ class PackedDataLoader:
         self._set_position(int(state["epoch"]), int(state["cursor"]))
 
 
-def _check_ranks(seq_len, batch_size, dp_rank, dp_world, cp_rank, cp_world, layout) -> None:
+def row_layouts(layout: str, auto_layouts: tuple[str, ...], doc_masking: bool) -> tuple[str, ...]:
+    """The layouts a row may take: ``auto_layouts`` under ``"auto"``, else ``layout`` alone. Layouts
+    cut by documents need doc masking: attention must be given the documents they were cut by."""
+    layouts = tuple(auto_layouts) if layout == "auto" else (layout,)
+    if not doc_masking:
+        if layout != "auto" and layout in DOCUMENT_LAYOUTS:
+            raise ValueError(
+                f"parallel.layout {layout!r} cuts the sequence by its documents, which attention sees only with "
+                "data.doc_masking=true; enable it or choose zigzag"
+            )
+        layouts = tuple(name for name in layouts if name not in DOCUMENT_LAYOUTS)
+    if not layouts:
+        raise ValueError(f"layout 'auto' has no layout to choose from among {tuple(auto_layouts)}")
+    return layouts
+
+
+def _check_ranks(seq_len, batch_size, dp_rank, dp_world, cp_rank, cp_world, layouts) -> None:
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"data.seq_len ({seq_len}) and data.batch_size ({batch_size}) must be >= 1")
     if not 0 <= dp_rank < dp_world or not 0 <= cp_rank < cp_world:
         raise ValueError(f"ranks out of range: dp {dp_rank} of {dp_world}, cp {cp_rank} of {cp_world}")
     if cp_world > 1:
-        check_seq_len(seq_len, layout, cp_world)
+        for layout in layouts:
+            check_seq_len(seq_len, layout, cp_world)
 
 
 def build_data(
-    data_cfg, *, dp_rank: int, dp_world: int, cp_rank: int, cp_world: int, layout: str, vocab_size: int
+    data_cfg,
+    *,
+    dp_rank: int,
+    dp_world: int,
+    cp_rank: int,
+    cp_world: int,
+    layout: str,
+    vocab_size: int,
+    auto_layouts: tuple[str, ...] = AUTO_LAYOUTS,
 ) -> PackedDataLoader:
-    """The loader of one (dp, cp) rank from a `lsts.config.DataConfig`. Cheap checks run before the
-    corpus is read, so a bad layout fails at once."""
+    """The loader of one (dp, cp) rank from a `lsts.config.DataConfig` (``auto_layouts``: what layout
+    "auto" chooses from). Cheap checks run before the corpus is read, so a bad layout fails at once."""
     d = data_cfg
     if d.num_workers != 0:
         raise ValueError(
             f"data.num_workers ({d.num_workers}): the packed loader slices an in-memory array in the training "
             "process and has no workers; set data.num_workers=0"
         )
-    _check_ranks(d.seq_len, d.batch_size, dp_rank, dp_world, cp_rank, cp_world, layout)
+    _check_ranks(
+        d.seq_len, d.batch_size, dp_rank, dp_world, cp_rank, cp_world, row_layouts(layout, auto_layouts, d.doc_masking)
+    )
     if d.doc_masking and cp_world > 1 and layout == "stripe":
         raise ValueError(
             "data.doc_masking needs parallel.layout 'zigzag' or 'contiguous' under context parallelism "
@@ -450,12 +508,15 @@ def build_data(
         cp_rank=cp_rank,
         cp_world=cp_world,
         layout=layout,
+        doc_masking=d.doc_masking,
+        auto_layouts=auto_layouts,
     )
     loader.tokenizer = tokenizer
     return loader
 
 
 __all__ = [
+    "AUTO_LAYOUTS",
     "IGNORE_INDEX",
     "Batch",
     "ByteTokenizer",
@@ -467,6 +528,7 @@ __all__ = [
     "load_texts",
     "load_tokenizer",
     "pack_window",
+    "row_layouts",
     "stdlib_files",
     "tokenize",
 ]

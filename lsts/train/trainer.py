@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import functools
 import logging
@@ -33,9 +34,10 @@ from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
 from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
 from lsts.parallel.ring import document_fields
+from lsts.parallel.sharding import LAYOUTS
 from lsts.train import zero
 from lsts.train.checkpoint import Checkpointer, checkpoint_contents, checkpoint_dir, latest_checkpoint, read_info
-from lsts.train.data import IGNORE_INDEX, build_data
+from lsts.train.data import IGNORE_INDEX, build_data, row_layouts
 from lsts.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -87,13 +89,21 @@ def check_run(cfg: Config, dims: ParallelDims, world: int) -> None:
     if cfg.parallel.dp_engine in zero.ZERO_STAGES:
         zero.check_config(cfg)
     dims.check_model(cfg.model.n_heads, cfg.model.n_kv_heads)
-    dims.check_seq_len(cfg.data.seq_len, cfg.parallel.layout)
+    for layout in row_layouts(cfg.parallel.layout, auto_layouts(dims), cfg.data.doc_masking):
+        dims.check_seq_len(cfg.data.seq_len, layout)
     check_pipeline(dims.pp, cfg.model.n_layers, cfg.model.tie_embeddings)
     if dims.pp > 1 and cfg.parallel.pp_microbatches != cfg.data.batch_size:
         raise ValueError(
             f"parallel.pp_microbatches ({cfg.parallel.pp_microbatches}) must equal data.batch_size "
             f"({cfg.data.batch_size}): each row of a batch is one pipeline micro-batch"
         )
+
+
+def auto_layouts(dims: ParallelDims) -> tuple[str, ...]:
+    """What ``parallel.layout=auto`` chooses from, per row: zigzag, and balanced when the ring alone
+    carries context parallelism (a Ulysses rank attends whole sequences, which any layout balances;
+    the hybrid's ring takes zigzag or contiguous only)."""
+    return ("zigzag", "balanced") if dims.cp_ring > 1 and dims.cp_ulysses == 1 else ("zigzag",)
 
 
 def lr_lambda(cfg: Config):
@@ -187,7 +197,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     update, flops_per_token = job.build(dims, mesh, device, dtype)
-    ctx = dims.attention_context(mesh, cfg.kernels.attention, cfg.parallel.layout)
+    ctx = dims.attention_context(mesh, cfg.kernels.attention, cfg.parallel.layout)  # each row sets its layout
     data = build_data(
         cfg.data,
         dp_rank=dp_rank,
@@ -196,6 +206,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
         cp_world=dims.cp,
         layout=cfg.parallel.layout,
         vocab_size=job.vocab_size,
+        auto_layouts=auto_layouts(dims),
     )
     ckpt = Checkpointer(
         cfg.train.out,
@@ -238,7 +249,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             job.before_step(step)
-            loss, n_tokens = _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreement)
+            loss, n_tokens, imbalance = _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreement)
             if not math.isfinite(loss):  # before the update, which with ZeRO also computes the norm
                 raise _non_finite(step, loss, "not computed", cfg.train.out)
             grad_norm, lr, applied = update.step()
@@ -255,6 +266,8 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
                 "step_time_s": elapsed,
             }
             metrics["mfu"] = mfu(flops_per_token, tokens_per_sec, world, peak)
+            if dims.cp > 1:
+                metrics["cp_imbalance"] = imbalance
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, **metrics)
             ckpt.maybe_save(step, *update.checkpoint_parts, data, extra, force=step == cfg.train.steps)
@@ -411,16 +424,24 @@ class TorchUpdate:
         return grad_norm, lr, True
 
 
-def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreement=None) -> tuple[float, int]:
+def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreement=None) -> tuple[float, int, float]:
     """Forward and backward of ``grad_accum`` micro-batches; returns the token-weighted mean loss
-    over all data- and context-parallel ranks and the number of tokens it averaged. With a
-    `StepAgreement`, one collective agrees on every row's attention inputs up front."""
+    over all data- and context-parallel ranks, the number of tokens it averaged, and the attention
+    imbalance of the step: max / mean unmasked pairs per ring rank, the worst over the dp ranks.
+    With a `StepAgreement`, one collective agrees on every row's attention inputs up front."""
     micro = []
     local_tokens = torch.zeros((), dtype=torch.float64)
+    cp_work = torch.zeros(dims.cp, dtype=torch.float64)
     for _ in range(cfg.train.grad_accum):
         batch = next(batches)
         micro.append(batch)
         local_tokens += int((batch.labels != IGNORE_INDEX).sum())
+        cp_work += torch.tensor(batch.cp_work, dtype=torch.float64)
+    # cp rank r·U + u is Ulysses rank u of ring rank r; a ring rank's Ulysses ranks split its tokens'
+    # work by heads, so the ring ranks are what a layout balances.
+    ring_work = cp_work.view(dims.cp_ring, dims.cp_ulysses).sum(1)
+    imbalance = torch.tensor([(ring_work.max() / ring_work.mean().clamp_min(1)).item()], dtype=torch.float64)
+    dist.all_reduce(imbalance, op=dist.ReduceOp.MAX, group=dp_cp_group)
     total = local_tokens.clone()
     dist.all_reduce(total, group=dp_cp_group)  # every rank divides by the same global count
     n_total = int(total.item())
@@ -454,18 +475,22 @@ def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreem
     dist.all_reduce(loss_sum, group=dp_cp_group)
     if pp_group is not None:  # only the last stage holds the loss
         dist.all_reduce(loss_sum, group=pp_group)
-    return loss_sum.item() / n_total, n_total
+    return loss_sum.item() / n_total, n_total, imbalance.item()
 
 
 def _row_ctx(cfg, ctx, batch, row: int):
-    """The attention context of one row: its packed documents when attention stays inside them."""
-    return ctx.with_documents(batch.cu_seqlens[row] if cfg.data.doc_masking else None)
+    """The attention context of one row: its layout, and its packed documents when attention stays
+    inside them."""
+    row_ctx = ctx.with_documents(batch.cu_seqlens[row] if cfg.data.doc_masking else None)
+    return dataclasses.replace(row_ctx, layout=batch.layouts[row])
 
 
 def _row_inputs(cfg, ctx, batch, row: int) -> RowInputs:
-    """What the step agrees on for one row: its token shard's shape and its packed documents."""
-    docs = _row_ctx(cfg, ctx, batch, row).documents
-    return RowInputs(tuple(batch.tokens[row : row + 1].shape), tuple(document_fields(docs).items()))
+    """What the step agrees on for one row: its token shard's shape, its layout (``auto`` picks one
+    per row, so rows of one shape may differ in it) and its packed documents."""
+    row_ctx = _row_ctx(cfg, ctx, batch, row)
+    data = {"layout code": LAYOUTS.index(row_ctx.layout), **document_fields(row_ctx.documents)}
+    return RowInputs(tuple(batch.tokens[row : row + 1].shape), tuple(data.items()))
 
 
 def _clip(model, max_norm: float, pp_group=None) -> float:
