@@ -496,8 +496,9 @@ def _span_args(span: Span, docs, n_heads: int) -> dict:
 
 
 # CUDA launch configuration per kernel, BLOCK_D, element size (2: bf16 / fp16, 4: fp32, up to D = 128)
-# and architecture (80: Ampere, 163 KiB of shared memory per block, and the pre-Hopper parts after it;
-# 90: Hopper, 227 KiB): (BLOCK_M, BLOCK_N, num_warps, num_stages). Every entry is one the compile report
+# and architecture (80: A100, 163 KiB of shared memory per block; 90: H100, 227 KiB; other GPUs take
+# the row of the last of the two they follow, unverified: sm_86 / sm_89 / sm_120 allow only ~99 KiB,
+# less than D = 128's dQ needs): (BLOCK_M, BLOCK_N, num_warps, num_stages). Every entry is one the compile report
 # (`python -m lsts.kernels.compile_report`) shows spilling no register at D <= 128 and fitting the
 # block's shared memory, and `tests/test_compile_report.py` checks that it compiles exactly these. Why
 # these: 8 warps halve each thread's share of the fp32 accumulators (at 4 warps dK/dV spilled); the
