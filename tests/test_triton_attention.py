@@ -31,15 +31,17 @@ CASES = [  # (span, (sq, sk, q_offset, k_offset), (h, h_kv))
 ]
 
 
+# 40 pads to a 64-wide feature tile (masked features); 32 fills its tile, which whole key blocks load unmasked.
+@pytest.mark.parametrize("head_dim", [40, 32], ids=["d40", "d32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("span,geometry,heads", CASES)
-def test_triton_matches_reference(span, geometry, heads, dtype):
+def test_triton_matches_reference(span, geometry, heads, dtype, head_dim):
     sq, sk, q_offset, k_offset = geometry
     h, hkv = heads
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, sq, h, 40, generator=g)
-    k, v = (torch.randn(1, sk, hkv, 40, generator=g) for _ in range(2))
-    dout = torch.randn(1, sq, h, 40, generator=g)
+    q = torch.randn(1, sq, h, head_dim, generator=g)
+    k, v = (torch.randn(1, sk, hkv, head_dim, generator=g) for _ in range(2))
+    dout = torch.randn(1, sq, h, head_dim, generator=g)
     want = oracle(q, k, v, dout, span, q_offset, k_offset)
     got = run("triton", *(x.to(DEVICE, dtype) for x in (q, k, v, dout)), span, q_offset, k_offset)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
@@ -52,8 +54,13 @@ def test_triton_matches_reference(span, geometry, heads, dtype):
             assert rel_err(a[finite], b[finite]) <= TOL[dtype], f"{name}: {rel_err(a[finite], b[finite]):.2e}"
 
 
-# The granularity each backend skips at: Triton's key tile, the CPU twin's query chunk.
-SKIP_TILE = {"triton": 64 if DEVICE == "cuda" else 16, "torch": 256}
+def skip_tile(backend: str) -> int:
+    """The granularity each backend skips at: Triton's key tile (the forward's), the CPU twin's query chunk."""
+    if backend == "torch":
+        return 256
+    from lsts.kernels.attention.triton import launch_config  # imports triton
+
+    return launch_config("fwd", 16, torch.float32, torch.device(DEVICE))["BLOCK_N"]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -61,7 +68,7 @@ SKIP_TILE = {"triton": 64 if DEVICE == "cuda" else 16, "torch": 256}
 def test_unreachable_key_blocks_are_never_read(span, backend):
     """NaN in K/V blocks that the last queries' span cannot reach: had the kernel visited them,
     P·V (0 · NaN) would turn those output rows into NaN. Work is then proportional to the span."""
-    tile = SKIP_TILE[backend]
+    tile = skip_tile(backend)
     n = 4 * tile
     q, k, v = (torch.randn(1, n, 1, 16) for _ in range(3))
     lo = span.key_range(n - tile, n - 1, span.shift(0, 1))[0] // tile * tile  # one head: shifted if s2/sf
@@ -115,3 +122,14 @@ def test_unrounded_results_are_the_kernels_float32_accumulators():
     grads32 = attention_bwd(dout, q, k, v, out, lse, *args, unrounded=True)
     for g16, g32 in zip(grads, grads32):
         assert g32.dtype == torch.float32 and torch.equal(g32.half(), g16)
+
+
+def test_head_dims_without_cuda_tiles_are_refused():
+    from lsts.kernels.attention.triton import launch_config
+
+    cuda = torch.device("cuda")  # refused before any CUDA call: no GPU needed
+    with pytest.raises(ValueError, match=r"head dim 512 in torch\.bfloat16 does not fit"):
+        launch_config("fwd", 512, torch.bfloat16, cuda)
+    with pytest.raises(ValueError, match=r"head dim 256 in torch\.float32 does not fit"):
+        launch_config("dkv", 256, torch.float32, cuda)
+    assert launch_config("fwd", 512, torch.float32, torch.device("cpu"))["BLOCK_D"] == 512  # the interpreter

@@ -128,9 +128,9 @@ def test_documents_expand_per_position():
 def test_other_documents_are_never_read(backend):
     """NaN in the first document's K/V: the second document's rows stay finite only if the kernel
     never visits (not merely masks) the first document's tiles; work follows the documents."""
-    from tests.test_triton_attention import SKIP_TILE
+    from tests.test_triton_attention import skip_tile
 
-    n = 2 * SKIP_TILE[backend]
+    n = 2 * skip_tile(backend)
     q, k, v, _ = _inputs(n, n, 1, 1, d=16)
     k[:, : n // 2], v[:, : n // 2] = float("nan"), float("nan")
     out, _ = attention(*(x.to(DEVICE[backend]) for x in (q, k, v)), backend=backend, cu_seqlens=[0, n // 2, n])

@@ -11,6 +11,10 @@ memory) while a stub Triton driver names the target architecture, and ``JITFunct
 each ``kernel[grid](...)`` instead of launching it. Arguments, constexprs, tile sizes, warps and the
 argument specialization (divisibility, constants) are therefore the launchers' own, not a copy.
 
+Next to the attention launches it compiles an anchor (`compile_anchor`): a minimal causal
+FlashAttention-2 forward in the structure of the Triton tutorial's, at its tiles, the yardstick of the
+registers lsts's plain causal forward may take.
+
 Per launch it reports: registers per thread; the stack frame and the bytes of spill stores and loads
 (the ``STL`` / ``LDL`` instructions of the SASS, what ``ptxas -v`` calls spill stores / loads);
 shared memory per block (Triton's dynamic allocation plus the cubin's static part), against the
@@ -119,13 +123,27 @@ def _attention_cases() -> list[Case]:
     variants = [("causal", 0, False, name) for name in _DTYPES]
     variants += [("full", 0, False, "bf16"), ("causal", 0, True, "bf16"), ("window", 1024, False, "bf16")]
     variants += [("sf", 1024, False, "bf16")]  # shifted groups with attention sinks (SinkLoRA)
+    variants += [("causal", 0, False, "fp32")]  # the GPU tests' dtype; fp32 goes up to D = 128
     for kind, size, docs, dt in variants:
-        for d in HEAD_DIMS:
+        for d in HEAD_DIMS if dt != "fp32" else (64, 128):
             label = f"{kind}{' ' + str(size) if size else ''}{' +docs' if docs else ''} {dt}"
             quick = kind == "causal" and not docs and dt == "bf16" and d <= 128
-            run = lambda k=kind, s=size, t=_DTYPES[dt], dd=d, doc=docs: _attention(k, s, t, dd, doc)  # noqa: E731
+            dtype = _DTYPES.get(dt, torch.float32)
+            run = lambda k=kind, s=size, t=dtype, dd=d, doc=docs: _attention(k, s, t, dd, doc)  # noqa: E731
             cases.append(Case("attention", label, d, run, quick))
+    for d in (64, 128):  # the yardstick of the plain causal forward's registers (`compile_anchor`)
+        cases.append(Case("attention", ANCHOR_CASE, d, lambda dd=d: _anchor(dd), quick=d == 128))
     return cases
+
+
+ANCHOR_CASE = "tutorial anchor bf16"
+
+
+def _anchor(d: int) -> None:
+    from lsts.kernels import compile_anchor
+
+    q, k, v = (_cuda(_B, _H, _S, d) for _ in range(3))
+    compile_anchor.anchor_fwd(q, k, v, d**-0.5)
 
 
 def _loss(vocab: int, softcap: float | None) -> None:

@@ -15,6 +15,13 @@ constexpr, so the uncapped kernels are the same code as without it. Layout ``[B,
 contiguous; GQA maps query head h to K/V head ``h // (H / H_kv)``. Accumulation in fp32; ``lse``
 is fp32 ``[B, H, Sq]`` (natural log).
 
+Register budget: the plain spans (causal or full: no window, group, sinks or documents) visit first
+the key blocks that every query of the program sees whole (below the causal diagonal, inside the
+sequence) without building a mask, then the rest with one; the sinks get a loop of their own behind
+their constexpr, and whole head-dim tiles load without a feature mask. The CUDA tiles, warps and
+stages come from a table per kernel, head dim, dtype and architecture (`launch_config`) whose every
+entry the compile report (`lsts.kernels.compile_report`) shows spilling nothing at D <= 128.
+
 Runs compiled on CUDA and, for the tests, in Triton's interpreter on CPU (fp32 / fp16).
 """
 
@@ -105,6 +112,36 @@ def _key_bounds(
 
 
 @triton.jit
+def _tile(p_base, start, offs_rows, offs_d, stride):
+    """Pointers to the [rows, BLOCK_D] tile of rows start + offs_rows, with 64-bit row offsets (long
+    sequences overflow 32 bits; a 64-bit block start plus 32-bit offsets took more registers on sm_90)."""
+    return p_base + (start + offs_rows)[:, None].to(tl.int64) * stride + offs_d[None, :]
+
+
+@triton.jit
+def _load_rows(ptrs, m_rows, offs_d, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, masking the rows (when MASKED) and the features past HEAD_DIM
+    (when it is not a power of two): a whole tile loads without a mask."""
+    if offs_d.shape[0] != HEAD_DIM:
+        m_d = offs_d < HEAD_DIM
+        if MASKED:
+            tile = tl.load(ptrs, mask=m_rows[:, None] & m_d[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=m_d[None, :], other=0.0)
+    elif MASKED:
+        tile = tl.load(ptrs, mask=m_rows[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _whole_blocks_end(lo, limit, BLOCK: tl.constexpr):
+    """End of the run of whole blocks from lo on that stay below limit (lo when there is none)."""
+    return lo + tl.maximum(limit - lo, 0) // BLOCK * BLOCK
+
+
+@triton.jit
 def _scores(b_qk, qk_scale, SOFTCAP: tl.constexpr):
     """Base-2 scores from ``q·k`` (``qk_scale = scale·log2 e``) and, with SOFTCAP, the tanh of the
     cap, ``s = SOFTCAP·tanh(scale·q·k / SOFTCAP)``, that the backward's ``1 - tanh²`` needs (without
@@ -120,53 +157,34 @@ def _scores(b_qk, qk_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(
-    b_acc,
-    b_m,
-    b_l,
-    b_q,
-    p_k0,
-    p_v0,
-    stride_ks,
-    stride_vs,
-    pos_q,
-    doc_lo,
-    doc_hi,
-    offs_n,
-    offs_d,
-    start,
-    shift,
-    k_offset,
-    SK,
-    HEAD_DIM,
-    qk_scale,
-    CAUSAL: tl.constexpr,
-    WINDOW: tl.constexpr,
-    GROUP: tl.constexpr,
-    N_SINK: tl.constexpr,
-    DOCS: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-):
-    """One key block of the online softmax (base 2)."""
-    offs_k = start + offs_n
-    m_k = offs_k < SK
-    m_d = offs_d < HEAD_DIM
-    b_k = tl.load(
-        p_k0 + offs_k[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0
-    )
-    b_v = tl.load(
-        p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0
-    )
-    b_s, _ = _scores(tl.dot(b_q, tl.trans(b_k)), qk_scale, SOFTCAP)  # [BLOCK_M, BLOCK_N]
-    keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS) & m_k[None, :]
-    b_s = tl.where(keep, b_s, float("-inf"))
-    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
-    b_p = tl.exp2(b_s - b_m_safe[:, None])
-    b_alpha = tl.exp2(b_m - b_m_safe)
-    b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-    return b_acc, b_m_new, b_l
+def _fwd_blocks(
+    b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, doc_lo, doc_hi, offs_n, offs_d, first, end,
+    shift, k_offset, SK, HEAD_DIM: tl.constexpr, qk_scale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, DOCS: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The key blocks [first, end) of the online softmax (base 2). Without MASKED the blocks are whole
+    (every key exists and every query of the block sees it): no mask is built and every row's maximum
+    is finite."""
+    for start in range(first, end, offs_n.shape[0]):
+        offs_k = start + offs_n
+        m_k = offs_k < SK
+        b_k = _load_rows(_tile(p_k0, start, offs_n, offs_d, stride_ks), m_k, offs_d, HEAD_DIM, MASKED)
+        b_v = _load_rows(_tile(p_v0, start, offs_n, offs_d, stride_vs), m_k, offs_d, HEAD_DIM, MASKED)
+        b_s, _ = _scores(tl.dot(b_q, tl.trans(b_k)), qk_scale, SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS)
+            b_s = tl.where(keep & m_k[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = b_m_new
+        if MASKED:
+            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    return b_acc, b_m, b_l
 
 
 @triton.jit
@@ -197,8 +215,9 @@ def _query_block_keys(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """For a block of queries: their global positions, the key blocks to visit (`_key_bounds`)
-    and each query's document bounds (`_doc_bounds`)."""
+    """For a block of queries: their global positions, the key blocks to visit (`_key_bounds`): the
+    sinks [0, sink_hi) and [lo, hi), of which [lo, whole_hi) need no mask (plain spans only), and
+    each query's document bounds (`_doc_bounds`)."""
     pos_q = offs_m + q_offset
     q_first = i_m * BLOCK_M + q_offset
     q_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, SQ) - 1 + q_offset
@@ -206,7 +225,13 @@ def _query_block_keys(
         q_first, q_last, shift, k_offset, SK, DOC_START, DOC_END, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_N
     )
     doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, pos_q, m_m, DOCS)
-    return pos_q, lo, hi, sink_hi, doc_lo, doc_hi
+    whole_hi = lo  # key blocks [lo, whole_hi): seen whole by every query of the block, no mask
+    if WINDOW == 0 and GROUP == 0 and not DOCS:  # plain causal / full: whole blocks need no mask
+        limit = SK
+        if CAUSAL:
+            limit = tl.minimum(limit, q_first - k_offset + 1)
+        whole_hi = _whole_blocks_end(lo, limit, BLOCK_N)
+    return pos_q, lo, whole_hi, hi, sink_hi, doc_lo, doc_hi
 
 
 @triton.jit
@@ -214,10 +239,10 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
     DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh, i_b, i_h, i_hk, shift, offs_m, offs_n, offs_d = _query_program(
         H, GQA, SHIFT_FROM, GROUP, SHIFT_HEADS, BLOCK_M, BLOCK_N, BLOCK_D
@@ -229,7 +254,7 @@ def _attn_fwd_kernel(
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
-    pos_q, lo, hi, sink_hi, doc_lo, doc_hi = _query_block_keys(
+    pos_q, lo, whole_hi, hi, sink_hi, doc_lo, doc_hi = _query_block_keys(
         i_m, offs_m, m_m, shift, q_offset, k_offset, SQ, SK, DOC_START, DOC_END,
         CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_M, BLOCK_N,
     )  # fmt: skip
@@ -237,15 +262,21 @@ def _attn_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Sink blocks first, then the span's own range: one loop, so the block body is traced once.
-    n_sink_blocks = tl.cdiv(sink_hi, BLOCK_N)
-    n_main_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    for i_blk in range(0, n_sink_blocks + n_main_blocks):
-        start = tl.where(i_blk < n_sink_blocks, i_blk * BLOCK_N, lo + (i_blk - n_sink_blocks) * BLOCK_N)
-        b_acc, b_m, b_l = _fwd_block(
-            b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, doc_lo, doc_hi, offs_n, offs_d, start,
-            shift, k_offset, SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP,
+    # The whole blocks first (below the causal diagonal: no mask), then the masked ones: the sinks
+    # (a loop of their own: it costs registers only when the span has sinks) and [whole_hi, hi).
+    b_acc, b_m, b_l = _fwd_blocks(
+        b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, doc_lo, doc_hi, offs_n, offs_d, lo, whole_hi,
+        shift, k_offset, SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP, False,
+    )  # fmt: skip
+    if N_SINK > 0:  # the sink blocks, before the span's own range (empty when that range starts at 0)
+        b_acc, b_m, b_l = _fwd_blocks(
+            b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, doc_lo, doc_hi, offs_n, offs_d, 0, sink_hi,
+            shift, k_offset, SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP, True,
         )  # fmt: skip
+    b_acc, b_m, b_l = _fwd_blocks(
+        b_acc, b_m, b_l, b_q, p_k0, p_v0, stride_ks, stride_vs, pos_q, doc_lo, doc_hi, offs_n, offs_d, whole_hi, hi,
+        shift, k_offset, SK, HEAD_DIM, qk_scale, CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP, True,
+    )  # fmt: skip
 
     seen = b_l > 0
     b_out = b_acc / tl.where(seen, b_l, 1.0)[:, None]
@@ -258,13 +289,40 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _dq_blocks(
+    b_dq, b_q, b_do, b_lse2, b_delta, p_k0, p_v0, stride_ks, stride_vs, pos_q, m_m, doc_lo, doc_hi,
+    offs_n, offs_d, first, end, shift, k_offset, SK, HEAD_DIM: tl.constexpr, qk_scale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, DOCS: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The key blocks [first, end) of dQ; without MASKED whole ones (as in `_fwd_blocks`). Rows past
+    the queries need no mask: their q, dO and delta load as zeros, so dS is zero there."""
+    for start in range(first, end, offs_n.shape[0]):
+        offs_k = start + offs_n
+        m_k = offs_k < SK
+        b_k = _load_rows(_tile(p_k0, start, offs_n, offs_d, stride_ks), m_k, offs_d, HEAD_DIM, MASKED)
+        b_v = _load_rows(_tile(p_v0, start, offs_n, offs_d, stride_vs), m_k, offs_d, HEAD_DIM, MASKED)
+        b_s, b_t = _scores(tl.dot(b_q, tl.trans(b_k)), qk_scale, SOFTCAP)
+        b_p = tl.exp2(b_s - b_lse2[:, None])
+        if MASKED:
+            keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS)
+            b_p = tl.where(keep & m_k[None, :] & m_m[:, None], b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        if SOFTCAP > 0:  # through the cap: d(c·tanh(x/c))/dx = 1 - tanh²
+            b_ds = b_ds * (1 - b_t * b_t)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    return b_dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
     DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale · Σ_j dS_ij K_j with dS = P ∘ (dO Vᵀ − D); Q, dO, dQ share strides (contiguous)."""
     i_m, i_bh, i_b, i_h, i_hk, shift, offs_m, offs_n, offs_d = _query_program(
@@ -279,29 +337,28 @@ def _attn_bwd_dq_kernel(
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * SQ + offs_m, mask=m_m, other=0.0)
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
-    pos_q, lo, hi, sink_hi, doc_lo, doc_hi = _query_block_keys(
+    pos_q, lo, whole_hi, hi, sink_hi, doc_lo, doc_hi = _query_block_keys(
         i_m, offs_m, m_m, shift, q_offset, k_offset, SQ, SK, DOC_START, DOC_END,
         CAUSAL, WINDOW, GROUP, N_SINK, DOCS, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_sink_blocks = tl.cdiv(sink_hi, BLOCK_N)
-    n_main_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    for i_blk in range(0, n_sink_blocks + n_main_blocks):
-        start = tl.where(i_blk < n_sink_blocks, i_blk * BLOCK_N, lo + (i_blk - n_sink_blocks) * BLOCK_N)
-        offs_k = start + offs_n
-        m_k = offs_k < SK
-        m_kd = m_k[:, None] & m_d[None, :]
-        b_k = tl.load(p_k0 + offs_k[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=m_kd, other=0.0)
-        b_v = tl.load(p_v0 + offs_k[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m_kd, other=0.0)
-        keep = _keep(pos_q, offs_k + k_offset, shift, doc_lo, doc_hi, CAUSAL, WINDOW, GROUP, N_SINK, DOCS)
-        keep = keep & m_k[None, :] & m_m[:, None]
-        b_s, b_t = _scores(tl.dot(b_q, tl.trans(b_k)), qk_scale, SOFTCAP)
-        b_p = tl.where(keep, tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        if SOFTCAP > 0:  # through the cap: d(c·tanh(x/c))/dx = 1 - tanh²
-            b_ds = b_ds * (1 - b_t * b_t)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    # As in the forward: whole key blocks without a mask, then the sinks and [whole_hi, hi) with one.
+    b_dq = _dq_blocks(
+        b_dq, b_q, b_do, b_lse2, b_delta, p_k0, p_v0, stride_ks, stride_vs, pos_q, m_m, doc_lo, doc_hi,
+        offs_n, offs_d, lo, whole_hi, shift, k_offset, SK, HEAD_DIM, qk_scale,
+        CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP, False,
+    )  # fmt: skip
+    if N_SINK > 0:
+        b_dq = _dq_blocks(
+            b_dq, b_q, b_do, b_lse2, b_delta, p_k0, p_v0, stride_ks, stride_vs, pos_q, m_m, doc_lo, doc_hi,
+            offs_n, offs_d, 0, sink_hi, shift, k_offset, SK, HEAD_DIM, qk_scale,
+            CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP, True,
+        )  # fmt: skip
+    b_dq = _dq_blocks(
+        b_dq, b_q, b_do, b_lse2, b_delta, p_k0, p_v0, stride_ks, stride_vs, pos_q, m_m, doc_lo, doc_hi,
+        offs_n, offs_d, whole_hi, hi, shift, k_offset, SK, HEAD_DIM, qk_scale,
+        CAUSAL, WINDOW, GROUP, N_SINK, DOCS, SOFTCAP, True,
+    )  # fmt: skip
     tl.store(DQ + q_rows, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
@@ -343,13 +400,15 @@ def _attn_bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dkb, stride_dks, stride_dkh,
-    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, HEAD_DIM, DOC_START, DOC_END, SHIFT_FROM,
+    SQ, SK, H, GQA, q_offset, k_offset, qk_scale, sm_scale, DOC_START, DOC_END, SHIFT_FROM,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, N_SINK: tl.constexpr, SHIFT_HEADS: tl.constexpr,
     DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dV = Σ_i Pᵀ dO and dK = scale · Σ_i dSᵀ Q over the GQA group of query heads of this K/V head.
-    DK and DV share strides (fp32 buffers); Q and DO share strides."""
+    DK and DV share strides (fp32 buffers); Q and DO share strides. One masked loop over the query
+    blocks, also on the plain spans: splitting off the whole blocks as in the forward cost 25-40
+    registers here (fp32 at D = 64 spilled on sm_80) for a mask of BLOCK_N × BLOCK_M compares."""
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     H_KV = H // GQA
     i_b, i_hk = i_bhk // H_KV, i_bhk % H_KV
@@ -437,10 +496,67 @@ def _span_args(span: Span, docs, n_heads: int) -> dict:
     }
 
 
-def _blocks(head_dim: int, device: torch.device) -> dict:
-    # Small tiles in the interpreter (tests exercise block skipping at small shapes); 64 on GPU.
-    block = 64 if device.type == "cuda" else 16
-    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
+# CUDA launch configuration per kernel, BLOCK_D, element size (2: bf16 / fp16, 4: fp32, up to D = 128)
+# and architecture (80: A100, 163 KiB of shared memory per block; 90: H100, 227 KiB; other GPUs take
+# the row of the last of the two they follow, unverified: sm_86 / sm_89 / sm_120 allow only ~99 KiB,
+# less than D = 128's dQ needs): (BLOCK_M, BLOCK_N, num_warps, num_stages). Every entry is one the compile report
+# (`python -m lsts.kernels.compile_report`) shows spilling no register at D <= 128 and fitting the
+# block's shared memory, and `tests/test_compile_report.py` checks that it compiles exactly these. Why
+# these: 8 warps halve each thread's share of the fp32 accumulators (at 4 warps dK/dV spilled); the
+# forward's 128 × 64 tiles are the FlashAttention-2 tutorial's; dK/dV streams 32 queries past 64 keys;
+# the widest tiles (D = 256, or 128 in fp32) fit shared memory with two stages and narrower blocks, and
+# keep 64 keys in dK/dV on sm_90 (wgmma needs 64 rows), at the price of a small spill at D = 256; fp32
+# dK/dV at D = 128 on sm_90 takes 32 keys (mma.sync, not wgmma) to spill nothing.
+_CUDA_TILES = {
+    ("fwd", 64, 2, 80): (128, 64, 8, 3),
+    ("fwd", 128, 2, 80): (128, 64, 8, 3),
+    ("fwd", 256, 2, 80): (64, 64, 8, 2),
+    ("fwd", 64, 4, 80): (128, 64, 8, 3),
+    ("fwd", 128, 4, 80): (64, 64, 8, 2),
+    ("fwd", 64, 2, 90): (128, 64, 8, 3),
+    ("fwd", 128, 2, 90): (128, 64, 8, 3),
+    ("fwd", 256, 2, 90): (64, 64, 8, 2),
+    ("fwd", 64, 4, 90): (128, 64, 8, 3),
+    ("fwd", 128, 4, 90): (64, 64, 8, 2),
+    ("dq", 64, 2, 80): (64, 64, 8, 3),
+    ("dq", 128, 2, 80): (64, 64, 8, 3),
+    ("dq", 256, 2, 80): (64, 32, 8, 2),
+    ("dq", 64, 4, 80): (64, 32, 8, 2),
+    ("dq", 128, 4, 80): (64, 32, 8, 2),
+    ("dq", 64, 2, 90): (64, 64, 8, 3),
+    ("dq", 128, 2, 90): (64, 64, 8, 3),
+    ("dq", 256, 2, 90): (64, 32, 8, 2),
+    ("dq", 64, 4, 90): (64, 64, 8, 3),
+    ("dq", 128, 4, 90): (64, 32, 8, 2),
+    ("dkv", 64, 2, 80): (32, 64, 8, 3),
+    ("dkv", 128, 2, 80): (32, 64, 8, 3),
+    ("dkv", 256, 2, 80): (64, 32, 8, 2),
+    ("dkv", 64, 4, 80): (32, 64, 8, 3),
+    ("dkv", 128, 4, 80): (64, 32, 8, 2),
+    ("dkv", 64, 2, 90): (32, 64, 8, 3),
+    ("dkv", 128, 2, 90): (32, 64, 8, 3),
+    ("dkv", 256, 2, 90): (16, 64, 8, 2),
+    ("dkv", 64, 4, 90): (32, 64, 8, 3),
+    ("dkv", 128, 4, 90): (32, 32, 8, 2),
+}
+
+
+def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes (and on CUDA warps and pipeline stages) of one attention kernel ("fwd", "dq", "dkv").
+
+    In the interpreter the tiles stay small (16): the tests exercise block skipping at small shapes."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d}
+    width = (kernel, max(64, block_d), dtype.itemsize)
+    if width not in {key[:3] for key in _CUDA_TILES}:
+        raise ValueError(
+            f"head dim {head_dim} in {dtype} does not fit the Triton attention kernels on CUDA: at most 256 in "
+            "bf16 / fp16, 128 in fp32 (cast q, k, v to bf16)"
+        )
+    capability = triton.runtime.driver.active.get_current_target().arch
+    block_m, block_n, warps, stages = _CUDA_TILES[(*width, 90 if capability >= 90 else 80)]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, "num_stages": stages}
 
 
 def attention_fwd(
@@ -455,7 +571,7 @@ def attention_fwd(
     # NaN-poisoned under the tests: an unwritten row cannot pass unnoticed.
     out = kernel_buffer(q.shape, _result_dtype(q.dtype, unrounded), q.device)
     lse = kernel_buffer((b, h, sq), torch.float32, q.device)
-    blocks = _blocks(d, q.device)
+    blocks = launch_config("fwd", d, q.dtype, q.device)
     grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -484,14 +600,15 @@ def attention_bwd(
     dq = kernel_buffer(q.shape, _result_dtype(q.dtype, unrounded), q.device)
     dk = kernel_buffer(k.shape, torch.float32, k.device)
     dv = kernel_buffer(v.shape, torch.float32, v.device)
-    blocks, spans = _blocks(d, q.device), {**_span_args(span, docs, h), "SOFTCAP": float(softcap)}
+    spans = {**_span_args(span, docs, h), "SOFTCAP": float(softcap)}
     common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, softmax_scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    _attn_bwd_dq_kernel[(triton.cdiv(sq, blocks["BLOCK_M"]), b * h)](
-        q, k, v, dout, lse, delta, dq, *strides, *common, HEAD_DIM=d, **spans, **blocks
+    dq_blocks, dkv_blocks = (launch_config(name, d, q.dtype, q.device) for name in ("dq", "dkv"))
+    _attn_bwd_dq_kernel[(triton.cdiv(sq, dq_blocks["BLOCK_M"]), b * h)](
+        q, k, v, dout, lse, delta, dq, *strides, *common, HEAD_DIM=d, **spans, **dq_blocks
     )
-    _attn_bwd_dkv_kernel[(triton.cdiv(sk, blocks["BLOCK_N"]), b * h_kv)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *common, HEAD_DIM=d, **spans, **blocks
+    _attn_bwd_dkv_kernel[(triton.cdiv(sk, dkv_blocks["BLOCK_N"]), b * h_kv)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *common, HEAD_DIM=d, **spans, **dkv_blocks
     )
     return dq, dk.to(_result_dtype(k.dtype, unrounded)), dv.to(_result_dtype(v.dtype, unrounded))
 
