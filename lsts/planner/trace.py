@@ -125,7 +125,7 @@ def _sequence_parallel_transport(sent: dict[str, int], received: _LiveBytes):
     """Replace the ring's P2P, the halo exchange and the Ulysses all-to-all by local stand-ins that
     allocate what the real ones allocate and add the bytes they would send to ``sent``; the ring's
     and the all-to-all's receive buffers are followed by ``received``."""
-    import lsts.parallel.checks as checks
+    import lsts.parallel.agreement as agreement
     import lsts.parallel.halo as halo
     import lsts.parallel.ulysses as ulysses
     from lsts.parallel.comm import RingComm
@@ -151,15 +151,15 @@ def _sequence_parallel_transport(sent: dict[str, int], received: _LiveBytes):
             out.register_hook(count_backward)
         return out
 
-    saved = (RingComm.send_recv, RingComm.wait, halo._exchange, ulysses.all_to_all, checks.agree_across_ranks)
+    saved = (RingComm.send_recv, RingComm.wait, halo._exchange, ulysses.all_to_all, agreement.agree_across_ranks)
     real_all_to_all = ulysses.all_to_all
     RingComm.send_recv, RingComm.wait, halo._exchange = send_recv, lambda comm: None, exchange
     ulysses.all_to_all = all_to_all
-    checks.agree_across_ranks = lambda *args, **kwargs: None  # a fake table agrees with anything
+    agreement.agree_across_ranks = lambda *args, **kwargs: None  # a fake table agrees with anything
     try:
         yield
     finally:
-        RingComm.send_recv, RingComm.wait, halo._exchange, ulysses.all_to_all, checks.agree_across_ranks = saved
+        RingComm.send_recv, RingComm.wait, halo._exchange, ulysses.all_to_all, agreement.agree_across_ranks = saved
 
 
 def _fake_world(world: int) -> None:
