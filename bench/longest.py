@@ -5,6 +5,7 @@ passes, DeepSpeed ALST, and the planner's prediction for the lsts rows.
     python bench/longest.py                                   # 2 GiB per rank, dim 512, 4 layers: ~30 min
     python bench/longest.py --budget-gib 4 --layers 8         # the shape: far longer on 2 cores
     python bench/longest.py --contenders lsts-tiled --no-planner
+    python bench/longest.py --contenders lsts-tiled --lengths 56320 --no-planner   # one probe, no search
 
 Every probe is one fresh ``torchrun --nproc-per-node 2`` under ``bench/_rss_guard.py``, which
 aborts a rank the moment its peak resident set (``VmHWM``) passes the budget; a probe fits when the
@@ -134,9 +135,11 @@ def tables(searches: list[Search], predicted: dict[str, int]) -> str:
     rows = []
     for s in searches:
         guess = predicted.get(s.contender)
-        err = f"{(guess - s.best) / s.best:+.1%}" if guess and s.best else "-"
-        rows.append([s.contender, s.best or "none", s.first_fail or "-", guess or "-", err,
-                     "time limit" if s.cut_short else ""])  # fmt: skip
+        bounded = s.first_fail is not None  # else the longest that fits is only a lower bound
+        err = f"{(guess - s.best) / s.best:+.1%}" if guess and s.best and bounded else "-"
+        best = (s.best if bounded else f">= {s.best}") if s.best else "none"
+        stopped = "time limit" if s.cut_short else ("lengths given" if not bounded else "")
+        rows.append([s.contender, best, s.first_fail or "-", guess or "-", err, stopped])
     headers = ["contender", "longest N that fits", "shortest N that does not", "planner's longest N",
                "planner error", "search stopped by"]  # fmt: skip
     probe_headers = ["contender", "N", "fits", "peak RSS/rank (GiB)", "wall (s)", "note"]
@@ -158,9 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--granularity", type=int, default=1024, help="lengths probed are multiples of this")
     p.add_argument("--time-limit", type=float, default=900.0, help="seconds per contender's search")
     p.add_argument("--probe-timeout", type=float, default=900.0, help="seconds per probe")
+    p.add_argument("--lengths", type=int, nargs="+", help="probe these lengths only, no search")
     p.add_argument("--no-planner", action="store_true", help="skip the planner's predictions")
     p.add_argument("--json", type=Path, help="also write the probes and predictions here")
     args = p.parse_args(argv)
+    if any(n % (2 * WORLD) for n in args.lengths or []):
+        raise SystemExit(f"--lengths must be multiples of {2 * WORLD} (zigzag over {WORLD} ranks)")
     if args.granularity % (2 * WORLD) or args.start_seq % args.granularity:
         raise SystemExit(f"--granularity must be a multiple of {2 * WORLD} (zigzag) and divide --start-seq")
     return args
@@ -174,7 +180,13 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.monotonic()
             predicted[c] = planner_longest(args, c)
             print(f"  planner {c}: {predicted[c]} ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
-    searches = [search(args, c) for c in args.contenders]
+    if args.lengths:
+        searches = [Search(c, [probe(args, c, n) for n in args.lengths]) for c in args.contenders]
+        for s in searches:
+            s.best = max((p.seq_len for p in s.probes if p.fits), default=0)
+            s.first_fail = min((p.seq_len for p in s.probes if not p.fits and p.seq_len > s.best), default=None)
+    else:
+        searches = [search(args, c) for c in args.contenders]
     print(
         f"\nLongest sequence of one training step within {args.budget_gib} GiB peak RSS per rank, {WORLD} gloo ranks; "
         f"Llama shape dim {args.dim}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, ffn {args.ffn_dim}, "
