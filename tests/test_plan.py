@@ -142,6 +142,16 @@ def test_search_prints_a_fitting_layout_with_its_longest_sequence(tmp_path):
     assert all(s >= 512 for s in longest)
 
 
+def test_longest_sequence_of_the_default_layout_is_a_multiple_of_its_divisor():
+    # cp_ring = -1 (the default) is resolved against the world, and a configured length equal to the fit's
+    # second point is traced rather than taken from a prediction that was not given.
+    from lsts.planner.search import longest_sequence
+
+    cfg = load_config(["--seq-len=4096", "--model.n_layers=1"], world_size=2)
+    s = longest_sequence(cfg, 2, "h100-80gb", budget=0.5 * 2**30)
+    assert s > 4096 and s % 4 == 0
+
+
 def test_bad_input_is_one_error_line(tmp_path):
     done = _plan(tmp_path, "--nproc=2", "--gpu=h100", "--json")
     assert done.returncode == 2 and "unknown --gpu 'h100'" in done.stderr

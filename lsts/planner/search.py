@@ -64,7 +64,7 @@ def longest_sequence(
     even the short one does not fit. ``known``: the prediction at ``cfg``'s own length, the longer
     point when it is longer (the further apart, the truer the slope: on Llama-3-8B two points at
     2K and 4K tokens under-estimate it by 16 %)."""
-    div = cfg.parallel.seq_len_divisor
+    div = cfg.parallel.resolved(nproc).seq_len_divisor  # cp_ring = -1 (the default) is known only with the world
 
     def prediction(s: int) -> Prediction:
         c = copy.deepcopy(cfg)
@@ -78,7 +78,7 @@ def longest_sequence(
     if first.peak_bytes > budget:
         return 0
     s2 = cfg.data.seq_len if known is not None and cfg.data.seq_len > s1 else 2 * s1
-    second = known if s2 == cfg.data.seq_len else prediction(s2)
+    second = known if known is not None and s2 == cfg.data.seq_len else prediction(s2)
     # The sum of the parts (the CPU start-up's own transient peak is no function of S).
     p1, p2 = sum(first.memory.values()), sum(second.memory.values())
     s = int(s1 + (budget - p1) * (s2 - s1) / max(p2 - p1, 1)) // div * div
