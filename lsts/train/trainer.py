@@ -456,7 +456,7 @@ def _clip(model, max_norm: float, pp_group=None) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     squares = []
     for g in grads:
-        n = torch.linalg.vector_norm(g, dtype=torch.float32)
+        n = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))  # float64 stays
         squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
     total = torch.stack(squares).sum() if squares else torch.zeros(())
     if pp_group is not None:
