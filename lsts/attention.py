@@ -17,6 +17,7 @@ import torch.distributed as dist
 from lsts.kernels.attention import CAUSAL, Documents, Span, check_softcap_sinks
 from lsts.kernels.attention import attention as local_attention
 from lsts.parallel import hybrid_attention, ring_attention, ulysses_attention
+from lsts.parallel.dims import ParallelDims, ParallelMesh
 
 Mode = Literal["local", "ring", "ulysses", "hybrid"]
 
@@ -42,6 +43,17 @@ class AttentionContext:
     def __post_init__(self) -> None:
         if self.mode not in ("local", "ring", "ulysses", "hybrid"):
             raise ValueError(f"unknown attention mode {self.mode!r}; choose local, ring, ulysses or hybrid")
+
+    @classmethod
+    def from_mesh(cls, dims: ParallelDims, mesh: ParallelMesh | None, backend: str, layout: str) -> AttentionContext:
+        """The context of a run: local attention without context parallelism; ring, Ulysses or both
+        over the mesh's ``cp_ring`` / ``cp_ulysses`` axes (``mesh`` may be None when ``dims.cp == 1``)."""
+        if dims.cp == 1:
+            return cls("local", backend, layout)
+        ring = mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None
+        uly = mesh["cp_ulysses"].get_group() if dims.cp_ulysses > 1 else None
+        mode = "hybrid" if ring and uly else ("ring" if ring else "ulysses")
+        return cls(mode, backend, layout, ring_group=ring, ulysses_group=uly)
 
     def with_documents(self, cu_seqlens: torch.Tensor | list[int] | None) -> AttentionContext:
         """The same context for one batch of packed sequences (None: no document masking)."""

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attend_rows, attention, document_rows
+from lsts.kernels.attention.documents import document_fields
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import all_to_all
-from lsts.parallel.ring import document_fields
 from lsts.parallel.sharding import layout_indices
 
 

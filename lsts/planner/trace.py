@@ -40,6 +40,7 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY as _TOTAL
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _ModState
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lsts.attention import AttentionContext
 from lsts.config import Config
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
@@ -228,9 +229,9 @@ def trace_step(
     sent: dict[str, int] = defaultdict(int)
     if dims.cp > 1:
         _fake_world(dims.world_size)
-        ctx = dims.attention_context(dims.build_mesh("cpu"), cfg.kernels.attention, p.layout)
+        ctx = AttentionContext.from_mesh(dims, dims.build_mesh("cpu"), cfg.kernels.attention, p.layout)
     else:
-        ctx = ONE_RANK.attention_context(None, cfg.kernels.attention, p.layout)
+        ctx = AttentionContext.from_mesh(ONE_RANK, None, cfg.kernels.attention, p.layout)
     ctx = ctx.with_documents(documents)
     positions = _positions(seq, dims.cp, p.layout)
     received = _LiveBytes()

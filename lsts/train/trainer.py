@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from lsts.attention import AttentionContext
 from lsts.cli import RunError
 from lsts.config import Config, KernelsConfig
 from lsts.kernels.loss import linear_cross_entropy
@@ -182,7 +183,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     update, flops_per_token = job.build(dims, mesh, device, dtype)
-    ctx = dims.attention_context(mesh, cfg.kernels.attention, cfg.parallel.layout)
+    ctx = AttentionContext.from_mesh(dims, mesh, cfg.kernels.attention, cfg.parallel.layout)
     data = build_data(
         cfg.data,
         dp_rank=dp_rank,
