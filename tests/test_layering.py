@@ -2,8 +2,10 @@
 `ast`, every import statement, also those inside functions), so no import cycle between packages
 can come back. Bottom to top:
 
-    config, cli  <  kernels  <  parallel  <  attention  <  models  <  inference, train  <  finetune
+    cli  <  kernels  <  config  <  parallel  <  attention  <  models  <  inference, train  <  finetune
     <  planner  <  launch/
+
+(config reads the kernel backends' names from `lsts.kernels.backend`, which imports no torch.)
 
 ``lsts`` itself (the version) sits below everything. Within one part, modules import each other
 freely."""
@@ -14,8 +16,9 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     {"lsts"},
-    {"lsts.config", "lsts.cli"},
+    {"lsts.cli"},
     {"lsts.kernels"},
+    {"lsts.config"},
     {"lsts.parallel"},
     {"lsts.attention"},
     {"lsts.models"},

@@ -117,3 +117,21 @@ def test_unknown_backend_is_an_error():
     x = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         attention(x, x, x, backend="fast")
+
+
+def test_attention_dispatches_through_the_cp_methods_registry(monkeypatch):
+    """A mode is one `CP_METHODS` entry: accepted by `AttentionContext`, called by `attention` with
+    the context and every keyword; an unknown mode names the registered ones."""
+    from lsts.attention import CP_METHODS, AttentionContext
+    from lsts.attention import attention as model_attention
+
+    calls = []
+    monkeypatch.setitem(CP_METHODS, "mine", lambda q, k, v, ctx, **kw: calls.append((ctx, kw)) or q)
+    q = torch.randn(1, 4, 2, 8)
+    ctx = AttentionContext(mode="mine", backend="torch")
+    assert model_attention(q, q, q, ctx=ctx, softcap=5.0) is q
+    [(got_ctx, kw)] = calls
+    assert got_ctx is ctx and kw["softcap"] == 5.0 and kw["backend"] == "torch" and kw["cu_seqlens"] is None
+    assert {"span", "softmax_scale", "sinks"} <= kw.keys()
+    with pytest.raises(ValueError, match="'local', 'ring', 'ulysses', 'hybrid'"):
+        AttentionContext(mode="bogus")
