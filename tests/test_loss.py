@@ -8,8 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lsts.kernels import loss as loss_mod
+from lsts.kernels import _utils
 from lsts.kernels.loss import linear_cross_entropy
+from lsts.kernels.loss import triton as loss_triton
 from tests.oracle import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,7 +45,7 @@ def nan_buffers(monkeypatch):
         shapes.append(tuple(shape))
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(loss_mod, "_empty", nan_empty)
+    monkeypatch.setattr(_utils, "empty", nan_empty)
     return shapes
 
 
@@ -94,14 +95,14 @@ def test_torch_matches_reference(case, dtype, tol):
 @pytest.mark.parametrize("case", CASES)
 def test_triton_matches_reference(case, dtype, tol, max_block, monkeypatch):
     # Small vocabulary blocks make the online log-sum-exp combine several blocks and a ragged tail.
-    monkeypatch.setattr(loss_mod, "_MAX_BLOCK_V", max_block)
+    monkeypatch.setattr(loss_triton, "_MAX_BLOCK_V", max_block)
     h, w, y = _inputs(case, dtype)
     _assert_matches(_run("triton", h, w, y, chunk_size=case[3]), _oracle(h, w, y, chunk_size=case[3]), dtype, tol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mean_reduction_divides_by_the_non_ignored_tokens(backend, monkeypatch):
-    monkeypatch.setattr(loss_mod, "_MAX_BLOCK_V", 256)
+    monkeypatch.setattr(loss_triton, "_MAX_BLOCK_V", 256)
     h, w, y = _inputs((63, 40, 1000, 16), torch.float32, seed=1)
     kw = dict(chunk_size=16, reduction="mean")
     got, want = _run(backend, h, w, y, **kw), _oracle(h, w, y, **kw)
@@ -112,7 +113,7 @@ def test_mean_reduction_divides_by_the_non_ignored_tokens(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_softcap_matches_reference(backend, monkeypatch):
-    monkeypatch.setattr(loss_mod, "_MAX_BLOCK_V", 256)
+    monkeypatch.setattr(loss_triton, "_MAX_BLOCK_V", 256)
     case = (63, 40, 1000, 16)
     h, w, y = _inputs(case, torch.float32, seed=3)
     w = w * 3.0  # logits well past the cap, where tanh bends

@@ -5,7 +5,7 @@ poisoned kernel outputs, and the errors of bad input."""
 import pytest
 import torch
 
-from lsts.kernels import norm
+from lsts.kernels import _utils
 from lsts.kernels.norm import RMSNorm, rms_norm
 from tests.oracle import rel_err
 
@@ -28,7 +28,7 @@ def nan_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(norm, "_empty", nan_empty)
+    monkeypatch.setattr(_utils, "empty", nan_empty)
 
 
 def _inputs(shape, dtype, w_dtype=None, seed=0):

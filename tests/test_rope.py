@@ -5,7 +5,7 @@ linear scaling; shards with non-contiguous positions; NaN-poisoned kernel output
 import pytest
 import torch
 
-from lsts.kernels import rope
+from lsts.kernels import _utils
 from lsts.kernels.rope import apply_rope, rope_frequencies
 from tests.oracle import rel_err
 
@@ -20,7 +20,7 @@ def nan_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(rope, "_empty", nan_empty)
+    monkeypatch.setattr(_utils, "empty", nan_empty)
 
 
 def _zigzag_positions(c: int, offset: int = 0) -> torch.Tensor:
