@@ -58,7 +58,7 @@ _REDUCTIONS = ("sum", "mean")
 
 
 def _ce_chunk_torch(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None) -> torch.Tensor:
-    """Same contract as `_ce_chunk_triton`, in PyTorch ops that work in place on ``z``, so a chunk
+    """Same contract as `lsts.kernels.loss.triton.ce_chunk`, in PyTorch ops that work in place on ``z``, so a chunk
     costs one ``[C, V]`` buffer (two with ``softcap``: tanh is needed again for the chain rule)."""
     valid = labels != ignore_index
     y = torch.where(valid, labels, 0).unsqueeze(1)  # [C, 1]
