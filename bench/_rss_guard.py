@@ -90,8 +90,7 @@ def main() -> None:
     if args.no_final_checkpoint:
         _skip_final_checkpoint()
     sys.argv = [args.script, *args.args]
-    # The repository root replaces bench/ as the first import path: bench/kernels.py would shadow the
-    # `kernels` package that transformers imports.
+    # The repository root replaces bench/ as the first import path, as `python <script>` would have it.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
     runpy.run_path(args.script, run_name="__main__")
 

@@ -14,7 +14,7 @@ import datetime
 import sys
 from pathlib import Path
 
-# The repository root instead of bench/ (whose kernels.py would shadow the `kernels` package).
+# The repository root instead of bench/: tests/ and lsts/ import from there.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402

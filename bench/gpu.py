@@ -7,7 +7,7 @@ the report is rewritten after every section, so a run cut short keeps what it me
    per-file passed / failed / skipped counts and the failing tests' names.
 2. **kernels**: causal attention, bf16, D=128, forward and backward TFLOP/s of the lsts Triton kernel
    against PyTorch SDPA restricted to FlashAttention or cuDNN, and flash-attn's ``flash_attn_func``
-   when it is installed (``bench/kernels.py`` times them: ``triton.testing.do_bench`` medians).
+   when it is installed (``bench/kernel_bench.py`` times them: ``triton.testing.do_bench`` medians).
 3. **compile report**: `lsts.kernels.compile_report` for this device's architecture (registers,
    spills, shared memory of every Triton launch) with this machine's Triton and ptxas.
 4. **parallel**: ring and Ulysses attention (zigzag) over every visible GPU on NCCL, forward +
@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import _common as common  # first: puts the repository root on sys.path
-import kernels as kernel_bench
+import kernel_bench
 import torch
 
 from lsts.kernels.attention import CAUSAL, attention

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repository root instead of bench/ (whose kernels.py would shadow the `kernels` package).
+# The repository root instead of bench/: tests/ and lsts/ import from there.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import lsts.models.hf  # noqa: E402  (registers attn_implementation="lsts")

@@ -8,8 +8,8 @@ sharded. Local attention, ring, Ulysses and the hybrid all return the same thing
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -17,8 +17,7 @@ import torch.distributed as dist
 from lsts.kernels.attention import CAUSAL, Documents, Span, check_softcap_sinks
 from lsts.kernels.attention import attention as local_attention
 from lsts.parallel import hybrid_attention, ring_attention, ulysses_attention
-
-Mode = Literal["local", "ring", "ulysses", "hybrid"]
+from lsts.parallel.dims import ParallelDims, ParallelMesh
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class AttentionContext:
     and/or ``ulysses_group``. ``documents`` (global, shared by the batch rows) keeps attention inside
     packed documents."""
 
-    mode: Mode = "local"
+    mode: str = "local"  # a key of CP_METHODS
     backend: str = "auto"
     layout: str = "zigzag"
     ring_group: dist.ProcessGroup | None = None
@@ -40,8 +39,19 @@ class AttentionContext:
     infer_documents: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in ("local", "ring", "ulysses", "hybrid"):
-            raise ValueError(f"unknown attention mode {self.mode!r}; choose local, ring, ulysses or hybrid")
+        if self.mode not in CP_METHODS:
+            raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {tuple(CP_METHODS)}")
+
+    @classmethod
+    def from_mesh(cls, dims: ParallelDims, mesh: ParallelMesh | None, backend: str, layout: str) -> AttentionContext:
+        """The context of a run: local attention without context parallelism; ring, Ulysses or both
+        over the mesh's ``cp_ring`` / ``cp_ulysses`` axes (``mesh`` may be None when ``dims.cp == 1``)."""
+        if dims.cp == 1:
+            return cls("local", backend, layout)
+        ring = mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None
+        uly = mesh["cp_ulysses"].get_group() if dims.cp_ulysses > 1 else None
+        mode = "hybrid" if ring and uly else ("ring" if ring else "ulysses")
+        return cls(mode, backend, layout, ring_group=ring, ulysses_group=uly)
 
     def with_documents(self, cu_seqlens: torch.Tensor | list[int] | None) -> AttentionContext:
         """The same context for one batch of packed sequences (None: no document masking)."""
@@ -49,6 +59,32 @@ class AttentionContext:
         return replace(self, documents=docs)
 
 
+def _local(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
+    return local_attention(q, k, v, **kw)[0]
+
+
+def _ring(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
+    return ring_attention(q, k, v, ctx.ring_group, layout=ctx.layout, **kw)
+
+
+def _ulysses(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
+    return ulysses_attention(q, k, v, ctx.ulysses_group, layout=ctx.layout, **kw)
+
+
+def _hybrid(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
+    return hybrid_attention(q, k, v, ctx.ring_group, ctx.ulysses_group, layout=ctx.layout, **kw)
+
+
+# The attention methods by `AttentionContext.mode`, the one list of them: ``fn(q, k, v, ctx, *, span,
+# cu_seqlens, backend, softmax_scale, softcap, sinks) -> out``, ``q, k, v`` this rank's shard of the
+# sequence under ``ctx.layout``. A new context-parallel method is its module in `lsts.parallel` and
+# one line here (docs/architecture.md).
+CP_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "local": _local,
+    "ring": _ring,
+    "ulysses": _ulysses,
+    "hybrid": _hybrid,
+}
 LOCAL = AttentionContext()
 
 
@@ -111,14 +147,7 @@ def attention(
     if isinstance(span, RolledS2):
         return rolled_s2_attention(q, k, v, span, ctx, softmax_scale, softcap, sinks)
     kw = {"span": span, "cu_seqlens": ctx.documents, "backend": ctx.backend, "softmax_scale": softmax_scale}
-    kw.update(softcap=softcap, sinks=sinks)
-    if ctx.mode == "local":
-        return local_attention(q, k, v, **kw)[0]
-    if ctx.mode == "ring":
-        return ring_attention(q, k, v, ctx.ring_group, layout=ctx.layout, **kw)
-    if ctx.mode == "ulysses":
-        return ulysses_attention(q, k, v, ctx.ulysses_group, layout=ctx.layout, **kw)
-    return hybrid_attention(q, k, v, ctx.ring_group, ctx.ulysses_group, layout=ctx.layout, **kw)
+    return CP_METHODS[ctx.mode](q, k, v, ctx, softcap=softcap, sinks=sinks, **kw)
 
 
-__all__ = ["LOCAL", "AttentionContext", "RolledS2", "attention", "rolled_s2_attention"]
+__all__ = ["CP_METHODS", "LOCAL", "AttentionContext", "RolledS2", "attention", "rolled_s2_attention"]

@@ -32,7 +32,9 @@ from typing import Any, Literal, Self
 
 import yaml
 
-Backend = Literal["auto", "triton", "torch", "reference"]  # = lsts.kernels.backend.BACKENDS (a test checks)
+from lsts.kernels.backend import BACKENDS
+
+Backend = Literal[BACKENDS]
 
 
 def _f(default: Any, help: str) -> Any:

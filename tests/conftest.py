@@ -23,3 +23,16 @@ def _restore_lsts_logging():
     saved = logger.handlers[:], logger.level, logger.propagate
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A test that leaves a default process group in this process changes what every later
+    in-process test sees (``shard_sequence`` without a group shards over it): fail that test."""
+    import torch.distributed as dist
+
+    yield
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        dist.destroy_process_group()
+        pytest.fail(f"the test left a {backend!r} default process group initialized in the test process")

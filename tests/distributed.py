@@ -11,6 +11,7 @@ import datetime
 import multiprocessing as mp
 import os
 import queue as queue_lib
+import socket
 import tempfile
 import time
 import traceback
@@ -27,25 +28,35 @@ class RankError(RuntimeError):
     """A rank raised; the message holds its traceback."""
 
 
-def _worker(fn, rank, world, init_file, args, queue):
+def _worker(fn, rank, world, init_file, args, queue, env):
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-        try:
+        if env is not None:  # the rank creates its process group itself, as under torchrun
+            os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
             result = fn(rank, world, *args)
-        finally:
-            dist.destroy_process_group()
+        else:
+            kw = {"init_method": f"file://{init_file}", "rank": rank, "world_size": world, "timeout": TIMEOUT}
+            dist.init_process_group("gloo", **kw)
+            try:
+                result = fn(rank, world, *args)
+            finally:
+                dist.destroy_process_group()
         queue.put((rank, True, result))
     except BaseException as e:
         queue.put((rank, False, (type(e).__name__, str(e), traceback.format_exc())))
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> list:
-    """Call ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results in rank order."""
+def run_ranks(fn, world: int, *args, timeout: float = 300.0, own_group: bool = False) -> list:
+    """Call ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results in rank order.
+    ``own_group``: no process group is made for ``fn``; it finds torchrun's variables (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) in the environment instead."""
+    env = None
+    if own_group:
+        env = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         queue = _CTX.Queue()
-        procs = [_CTX.Process(target=_worker, args=(fn, r, world, init_file, args, queue)) for r in range(world)]
+        procs = [_CTX.Process(target=_worker, args=(fn, r, world, init_file, args, queue, env)) for r in range(world)]
         for p in procs:
             p.start()
         results, errors = {}, {}
@@ -71,6 +82,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> list:
         reports = [f"rank {r} of {world} raised {errors[r][0]}: {errors[r][1]}\n{errors[r][2]}" for r in order]
         raise RankError("\n".join(reports))
     return [results[r] for r in range(world)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _collateral(name: str, message: str) -> bool:

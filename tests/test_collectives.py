@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from lsts.config import load_config
+from lsts.kernels.attention.documents import document_fields
 from lsts.parallel import ring_attention
 from lsts.parallel.agreement import RowInputs, StepAgreement
-from lsts.parallel.ring import document_fields
 from tests.distributed import errors_on_all_ranks, run_ranks
 from tests.test_train import TINY
 

@@ -271,7 +271,8 @@ def test_a_launcher_checks_the_degrees_against_its_world():
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe", "balanced"])
 def test_seq_len_divisor_matches_sharding(layout):
-    sharding = pytest.importorskip("lsts.parallel.sharding")
+    from lsts.parallel import sharding
+
     for ring, uly in [(1, 1), (3, 1), (2, 4)]:
         p = ParallelConfig(cp_ring=ring, cp_ulysses=uly, layout=layout)
         assert p.seq_len_divisor == sharding.seq_len_divisor(layout, ring * uly)
@@ -281,8 +282,8 @@ def test_backend_choices_match_kernels():
     import typing
 
     from lsts.config import KernelsConfig
+    from lsts.kernels import backend
 
-    backend = pytest.importorskip("lsts.kernels.backend")
     hints = typing.get_type_hints(KernelsConfig)
     for name in ["attention", "loss", "norm", "rope"]:
         assert typing.get_args(hints[name]) == backend.BACKENDS

@@ -40,7 +40,7 @@ def test_dry_run_exercises_every_section(tmp_path):
         [sys.executable, "bench/gpu.py", "--dry-run", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + (out.read_text()[-3000:] if out.exists() else "")
     sections = dict(re.findall(r"^## (\w[\w ]*?) \(\d+ s\)\n(.*?)(?=^## |\Z)", out.read_text(), flags=re.M | re.S))
     assert list(sections) == ["tests", "kernels", "compile", "parallel", "train"]
 

@@ -69,10 +69,10 @@ def test_a2sf_decays_older_attention_by_alpha():
     for _ in range(3):
         layer = _step(cache)
     assert layer.positions.tolist() == [[[0, 2]]]
-    assert torch.allclose(layer.scores, 2 * torch.tensor([[[5 / 6, 1 / 3]]], dtype=torch.float64))
+    assert torch.allclose(layer.scores, 2 * torch.tensor([[[5 / 6, 1 / 3]]], dtype=torch.float64), rtol=1e-12, atol=0)
     layer = _step(cache)  # s0 = 0.5 * 5/6 + 1/3 = 3/4 (of 3 keys), s2 = 0.5 * 1/3 + 1/3 = 1/2, s3 = 1/3
     assert layer.positions.tolist() == [[[0, 3]]] and layer.keys.shape[-2] == 2
-    assert torch.allclose(layer.scores, 2 * torch.tensor([[[3 / 4, 1 / 3]]], dtype=torch.float64))
+    assert torch.allclose(layer.scores, 2 * torch.tensor([[[3 / 4, 1 / 3]]], dtype=torch.float64), rtol=1e-12, atol=0)
     assert cache.get_seq_length() == 4
 
 
@@ -81,7 +81,7 @@ def test_h2o_sums_attention_without_decay():
     for _ in range(3):
         layer = _step(cache)
     want = 2 * torch.tensor([[[1 + 1 / 2 + 1 / 3, 1 / 2 + 1 / 3, 1 / 3]]], dtype=torch.float64)
-    assert torch.allclose(layer.scores, want) and layer.positions.tolist() == [[[0, 1, 2]]]
+    assert torch.allclose(layer.scores, want, rtol=1e-12, atol=0) and layer.positions.tolist() == [[[0, 1, 2]]]
 
 
 @pytest.mark.parametrize("sq, sk", [(37, 37), (5, 41), (1, 9)], ids=["prefill", "block-after-cache", "one-token"])

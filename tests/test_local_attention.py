@@ -1,10 +1,11 @@
-"""Local (out, lse) kernels: the fused CPU backend against the float64 reference, and the merge rule."""
+"""Local (out, lse) kernels: the fused CPU backend against the float64 explicit softmax of tests/oracle.py,
+and the merge rule."""
 
 import pytest
 import torch
 
 from lsts.kernels.attention import FULL, attention, attention_bwd, attention_fwd, merge_into, reference
-from tests.oracle import full_attention, rel_err
+from tests.oracle import explicit_attention, full_attention, rel_err
 
 SHAPES = [  # (batch, seq, heads, kv_heads, head_dim)
     pytest.param((2, 63, 4, 4, 40), id="odd-seq63-d40"),
@@ -51,9 +52,9 @@ def test_partition_backward_with_global_lse(backend):
         attention_bwd(dout, q, k[:, sl], v[:, sl], out, lse, 8**-0.5, FULL, backend)
         for sl in (slice(0, 9), slice(9, 23))
     ]
-    torch.testing.assert_close(parts[0][0] + parts[1][0], dq)
-    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]], 1), dk)
-    torch.testing.assert_close(torch.cat([parts[0][2], parts[1][2]], 1), dv)
+    torch.testing.assert_close(parts[0][0] + parts[1][0], dq, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]], 1), dk, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([parts[0][2], parts[1][2]], 1), dv, rtol=1e-10, atol=1e-12)
 
 
 def test_merge_equals_attention_over_the_union():
@@ -67,9 +68,9 @@ def test_merge_equals_attention_over_the_union():
     lse = torch.full((2, 3, 9), float("-inf"), dtype=torch.float64)
     for sl in (slice(20, 30), slice(0, 7), slice(7, 20)):  # any order: the merge is order-free
         merge_into(out, lse, *attention_fwd(q, k[:, sl], v[:, sl], 0.25, FULL, "torch"))
-    want_out, want_lse = reference.attention_fwd(q, k, v, 0.25, False)
-    torch.testing.assert_close(out, want_out)
-    torch.testing.assert_close(lse, want_lse)
+    want_out, want_lse = explicit_attention(q, k, v, torch.ones(9, 30, dtype=torch.bool), 0.25)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-12)
 
 
 def test_merge_with_fully_masked_block_is_identity_and_never_nan():
@@ -116,3 +117,21 @@ def test_unknown_backend_is_an_error():
     x = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         attention(x, x, x, backend="fast")
+
+
+def test_attention_dispatches_through_the_cp_methods_registry(monkeypatch):
+    """A mode is one `CP_METHODS` entry: accepted by `AttentionContext`, called by `attention` with
+    the context and every keyword; an unknown mode names the registered ones."""
+    from lsts.attention import CP_METHODS, AttentionContext
+    from lsts.attention import attention as model_attention
+
+    calls = []
+    monkeypatch.setitem(CP_METHODS, "mine", lambda q, k, v, ctx, **kw: calls.append((ctx, kw)) or q)
+    q = torch.randn(1, 4, 2, 8)
+    ctx = AttentionContext(mode="mine", backend="torch")
+    assert model_attention(q, q, q, ctx=ctx, softcap=5.0) is q
+    [(got_ctx, kw)] = calls
+    assert got_ctx is ctx and kw["softcap"] == 5.0 and kw["backend"] == "torch" and kw["cu_seqlens"] is None
+    assert {"span", "softmax_scale", "sinks"} <= kw.keys()
+    with pytest.raises(ValueError, match="'local', 'ring', 'ulysses', 'hybrid'"):
+        AttentionContext(mode="bogus")

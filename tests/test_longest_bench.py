@@ -2,6 +2,7 @@
 error and lets one within it finish, and the doubling + bisection search finds the boundary of a
 fake step function to the granularity."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -9,10 +10,21 @@ import sys
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
-import _rss_guard  # noqa: E402 - bench/ is a directory of scripts
-from attention import Probe, search_max_seq  # noqa: E402
+
+def _bench_module(name: str):
+    """A script of bench/ imported as a module; bench/ leaves sys.path again, so that its script
+    names cannot shadow an installed module for the rest of the test session."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+
+_rss_guard = _bench_module("_rss_guard")
+_attention = _bench_module("attention")
+Probe, search_max_seq = _attention.Probe, _attention.search_max_seq
 
 GUARD = os.path.join(ROOT, "bench", "_rss_guard.py")
 # Touches every page of 256 MiB, then idles long enough for the watchdog (period 20 ms) to see it.

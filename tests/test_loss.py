@@ -12,6 +12,7 @@ from lsts.kernels import buffers
 from lsts.kernels import loss as loss_mod
 from lsts.kernels.buffers import kernel_buffer
 from lsts.kernels.loss import linear_cross_entropy
+from lsts.kernels.loss import triton as loss_triton
 from tests.oracle import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,14 +97,14 @@ def test_torch_matches_reference(case, dtype, tol):
 @pytest.mark.parametrize("case", CASES)
 def test_triton_matches_reference(case, dtype, tol, max_block, monkeypatch):
     # Small vocabulary blocks make the online log-sum-exp combine several blocks and a ragged tail.
-    monkeypatch.setattr(loss_mod, "_MAX_BLOCK_V", max_block)
+    monkeypatch.setattr(loss_triton, "_MAX_BLOCK_V", max_block)
     h, w, y = _inputs(case, dtype)
     _assert_matches(_run("triton", h, w, y, chunk_size=case[3]), _oracle(h, w, y, chunk_size=case[3]), dtype, tol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mean_reduction_divides_by_the_non_ignored_tokens(backend, monkeypatch):
-    monkeypatch.setattr(loss_mod, "_MAX_BLOCK_V", 256)
+    monkeypatch.setattr(loss_triton, "_MAX_BLOCK_V", 256)
     h, w, y = _inputs((63, 40, 1000, 16), torch.float32, seed=1)
     kw = dict(chunk_size=16, reduction="mean")
     got, want = _run(backend, h, w, y, **kw), _oracle(h, w, y, **kw)
@@ -114,7 +115,7 @@ def test_mean_reduction_divides_by_the_non_ignored_tokens(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_softcap_matches_reference(backend, monkeypatch):
-    monkeypatch.setattr(loss_mod, "_MAX_BLOCK_V", 256)
+    monkeypatch.setattr(loss_triton, "_MAX_BLOCK_V", 256)
     case = (63, 40, 1000, 16)
     h, w, y = _inputs(case, torch.float32, seed=3)
     w = w * 3.0  # logits well past the cap, where tanh bends

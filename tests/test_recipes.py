@@ -58,3 +58,20 @@ def test_bad_method_and_length():
         recipe("qlora", 128)
     with pytest.raises(ValueError, match="multiple of 8"):
         recipe("longlora", 100)
+
+
+def _own_preparation(model, ctx, sparse_attention):
+    return ("prepared", model, ctx, sparse_attention)
+
+
+def test_a_method_is_one_registry_entry(monkeypatch):
+    """docs/architecture.md's recipes: a span-and-weights method is one `METHODS` line; a method with
+    its own preparation names its function, which `prepare` imports and calls."""
+    from lsts.finetune.methods import METHODS, Method
+    from lsts.kernels.attention import Span
+
+    monkeypatch.setitem(METHODS, "windowlora", Method("window + LoRA+", span="window", train_embeddings_and_norms=True))
+    rec = recipe("windowlora", 128)
+    assert rec.span == Span("window", 32) and rec.lora and rec.train_embeddings_and_norms
+    monkeypatch.setitem(METHODS, "mine", Method("its own", prepare="tests.test_recipes:_own_preparation"))
+    assert prepare("model", "mine", 128, CTX, sparse_attention=False) == ("prepared", "model", CTX, False)

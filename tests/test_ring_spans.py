@@ -5,11 +5,13 @@ others the ring. Ulysses takes every span: S² / SF learn where the shifted head
 rank's slice of heads (on 3 ranks a slice holds both kinds). One spawn per world size runs every
 case."""
 
+import functools
+
 import pytest
 import torch
 
 from lsts.kernels.attention import Span
-from lsts.parallel import gather_sequence, ring_attention, shard_sequence, ulysses_attention
+from lsts.parallel import gather_sequence, hybrid_attention, ring_attention, shard_sequence, ulysses_attention
 from lsts.parallel.sharding import tiles
 from tests.distributed import errors_on_all_ranks, run_ranks
 from tests.oracle import rel_err
@@ -60,27 +62,32 @@ def _problem(layout: str, span_name: str, world: int) -> tuple[int, Span]:
     return (2 if layout == "zigzag" else 1) * CHUNK * world, SPANS[span_name]
 
 
+def _case_errors(fn, layout: str, n: int, span: Span, cu, seed: int) -> dict[str, float]:
+    """Relative errors of ``fn`` (sharded, forward and backward, gathered) against the oracle."""
+    g = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(1, n, HEADS, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, n, KV_HEADS, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
+    local = [shard_sequence(x, layout=layout).requires_grad_() for x in (q, k, v)]
+    out, lse = fn(*local, layout=layout, span=span, cu_seqlens=cu, return_lse=True, backend="torch")
+    out.backward(shard_sequence(dout, layout=layout))
+    lse_t = lse.transpose(1, 2).contiguous()
+    got = [gather_sequence(x.detach(), layout=layout) for x in (out, lse_t, *(x.grad for x in local))]
+    got[1] = got[1].transpose(1, 2)
+    want = oracle_masked(q, k, v, dout, span, 0, 0, [0, n] if cu is None else cu)
+    errs = {}
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        finite = torch.isfinite(b)
+        errs[name] = rel_err(a[finite], b[finite]) if torch.equal(torch.isfinite(a), finite) else float("inf")
+    return errs
+
+
 def _all_cases(rank, world):
     results = {}
     for method, layout, span_name, with_docs in CASES:
         n, span = _problem(layout, span_name, world)
-        g = torch.Generator().manual_seed(len(results))
-        q, dout = (torch.randn(1, n, HEADS, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
-        k, v = (torch.randn(1, n, KV_HEADS, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
         cu = _documents(n) if with_docs else None
-        local = [shard_sequence(x, layout=layout).requires_grad_() for x in (q, k, v)]
-        fn = METHODS[method]
-        out, lse = fn(*local, layout=layout, span=span, cu_seqlens=cu, return_lse=True, backend="torch")
-        out.backward(shard_sequence(dout, layout=layout))
-        lse_t = lse.transpose(1, 2).contiguous()
-        got = [gather_sequence(x.detach(), layout=layout) for x in (out, lse_t, *(x.grad for x in local))]
-        got[1] = got[1].transpose(1, 2)
-        want = oracle_masked(q, k, v, dout, span, 0, 0, [0, n] if cu is None else cu)
-        errs = {}
-        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-            finite = torch.isfinite(b)
-            errs[name] = rel_err(a[finite], b[finite]) if torch.equal(torch.isfinite(a), finite) else float("inf")
-        results[(method, layout, span_name, with_docs)] = errs
+        case = (method, layout, span_name, with_docs)
+        results[case] = _case_errors(METHODS[method], layout, n, span, cu, seed=len(results))
     return results
 
 
@@ -251,3 +258,28 @@ def test_hybrid_takes_shifting_spans():
     """Ulysses (2) × ring (2) with S² and SF: 8 heads, so each Ulysses rank holds one kind."""
     for rank, errs in enumerate(run_ranks(_hybrid_shifting_spans, 4)):
         assert max(errs.values()) <= 1e-10, (rank, errs)
+
+
+def _hybrid_cases(rank, world):
+    """The hybrid both ways on 2 ranks (Ulysses over both with a ring of one, and the reverse), with
+    packed documents and spans, out and lse included."""
+    import torch.distributed as dist
+
+    whole, single = dist.new_group([0, 1]), [dist.new_group([r]) for r in range(2)][rank]
+    splits = {"u2r1": (single, whole), "u1r2": (whole, single)}
+    results = {}
+    for split, (ring_group, ulysses_group) in splits.items():
+        fn = functools.partial(hybrid_attention, ring_group=ring_group, ulysses_group=ulysses_group)
+        for layout in ("zigzag", "contiguous"):
+            for span_name in ("causal", "window-9", "sf-12-sink4"):
+                n, span = _problem(layout, span_name, world)
+                errs = _case_errors(fn, layout, n, span, _documents(n), len(results))
+                results[f"{split}-{layout}-{span_name}"] = errs
+    return results
+
+
+def test_hybrid_with_documents_and_lse_matches_oracle():
+    for rank, results in enumerate(run_ranks(_hybrid_cases, 2)):
+        assert len(results) == 12
+        bad = {case: errs for case, errs in results.items() if not max(errs.values()) <= 1e-10}
+        assert not bad, f"rank {rank}: {bad}"

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from lsts.kernels.attention import attention
 from lsts.parallel import (
     RingComm,
     gather_sequence,
@@ -24,11 +23,14 @@ from tests.oracle import full_attention, rel_err
 
 BATCH, HEADS, HEAD_DIM, CHUNK = 2, 12, 20, 37
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+LAYOUTS = ("contiguous", "zigzag", "stripe")
 
 
 def _inputs(world, layout, hkv, dtype, causal):
     n = (2 if layout == "zigzag" else 1) * CHUNK * world
-    g = torch.Generator().manual_seed(hash((world, layout, hkv, causal)) % 2**31)
+    # A seed per case from its parameters (not hash(): strings hash differently in every process).
+    seed = 1000 * world + 100 * LAYOUTS.index(layout) + 10 * int(causal) + hkv
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(BATCH, n, HEADS, HEAD_DIM, generator=g, dtype=torch.float64)
     k, v = (torch.randn(BATCH, n, hkv, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
     dout = torch.randn(BATCH, n, HEADS, HEAD_DIM, generator=g, dtype=torch.float64)
@@ -103,8 +105,9 @@ def test_sequence_parallel_attention_equals_full_attention(world):
     assert not failures, "\n".join(failures)
 
 
-def _world_one_and_messages(rank, world):
-    q, k, v = (torch.randn(1, 4 * world, 4, 8) for _ in range(3))
+def _messages_and_errors(rank, world):
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 4 * world, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
     local = [shard_sequence(x) for x in (q, k, v)]
     counts = []
     real_send_recv = RingComm.send_recv
@@ -118,20 +121,18 @@ def _world_one_and_messages(rank, world):
         out, lse = ring_attention(*local, return_lse=True)
     finally:
         RingComm.send_recv = real_send_recv
-    exact = None
-    if world == 1:
-        want_out, want_lse = attention(q, k, v, causal=True)
-        exact = torch.equal(out, want_out) and torch.equal(lse, want_lse)
-    return len(counts), exact
+    want_out, want_lse, *_ = full_attention(q, k, v, torch.zeros_like(q), causal=True)
+    got_lse = gather_sequence(lse.transpose(1, 2).contiguous()).transpose(1, 2)
+    return len(counts), max(rel_err(gather_sequence(out), want_out), rel_err(got_lse, want_lse))
 
 
 @pytest.mark.parametrize("world", [1, 3])
-def test_ring_sends_p_minus_1_messages_and_world_1_is_the_local_kernel(world):
-    for messages, exact in run_ranks(_world_one_and_messages, world):
+def test_ring_sends_p_minus_1_messages_and_matches_the_oracle(world):
+    """World 1 included: the ring with nobody to talk to is checked against the explicit oracle, not
+    against the local kernel it calls."""
+    for messages, err in run_ranks(_messages_and_errors, world):
         assert messages == world - 1
-        assert exact in (None, True)
-        if world == 1:
-            assert exact
+        assert err <= 1e-10, err
 
 
 def _round_trip(rank, world):

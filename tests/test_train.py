@@ -1,18 +1,24 @@
 """The trainer end to end on gloo ranks with a tiny MASFormer: metrics, parity of the parallel
-layouts and data-parallel engines (FSDP2, DDP, DeepSpeed ZeRO 1-3) against one process (loss and
-gradient norm per step), bit-exact resume, and the start-up errors. Runs read their numbers back
-from ``metrics.jsonl``, as a user would."""
+layouts against one process (loss and gradient norm per step, read back from ``metrics.jsonl`` as a
+user would), parity of the engines (FSDP2, DDP, tensor parallelism, DeepSpeed ZeRO 1-3: every
+parameter's gradient and updated value, in float64 where the engine keeps it), bit-exact resume,
+the non-finite guards, a collective timeout, and the start-up errors."""
 
 import json
 import math
 import os
 import random
+import time
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from lsts.config import load_config
 from lsts.train.checkpoint import latest_checkpoint
+from lsts.train.trainer import MASFormerJob, NonFiniteError, train
 from tests.distributed import errors_on_all_ranks, run_ranks
+from tests.oracle import rel_err
 
 TINY = [
     "--model.dim=32",
@@ -45,8 +51,6 @@ def _metrics(out):
 
 
 def _train_on_ranks(rank, world, out, extra):
-    from lsts.train.trainer import train
-
     return train(_cfg(out, *extra))
 
 
@@ -120,30 +124,102 @@ def test_layouts_by_documents_on_packed_data_equal_one_process(tmp_path):
     assert sum(r["cp_imbalance"] for r in runs["balanced"]) < sum(r["cp_imbalance"] for r in runs["zigzag"])
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
-def test_data_parallel_equals_one_process_with_the_same_batch(tmp_path, engine):
-    one = _run(tmp_path, "dp1", 1, "--data.batch_size=2")
-    two = _run(tmp_path, "dp2", 2, "--data.batch_size=1", f"--parallel.dp_engine={engine}")
-    _assert_same_run(two, one)
+
+class _RecordingJob(MASFormerJob):
+    """The default job, built in ``dtype``, that records at every optimizer step each parameter's
+    whole gradient (before the update) and whole value (after it), by name, in float64 on the CPU."""
+
+    def __init__(self, cfg, dtype: torch.dtype) -> None:
+        super().__init__(cfg)
+        self.dtype = dtype
+        self.grads: list[dict] = []
+        self.params: list[dict] = []
+
+    def build(self, dims, mesh, device, dtype):
+        update, flops_per_token = super().build(dims, mesh, device, self.dtype)
+        step = update.step
+
+        def recording_step():
+            self.grads.append(_whole(update, "grad"))
+            result = step()
+            self.params.append(_whole(update, "param"))
+            return result
+
+        update.step = recording_step
+        return update, flops_per_token
 
 
-@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
-def test_deepspeed_zero_equals_one_process_with_the_same_batch(tmp_path, engine):
-    one = _run(tmp_path, "dp1", 1, "--data.batch_size=2")
-    two = _run(tmp_path, "zero", 2, "--data.batch_size=1", f"--parallel.dp_engine={engine}")
-    _assert_same_run(two, one)
+def _whole(update, kind: str) -> dict:
+    """Every parameter's gradient or value, gathered whole from FSDP2 / tensor-parallel shards or
+    DeepSpeed's partitions, under the plain model's names."""
+    from lsts.train.zero import ZeroUpdate
+
+    if isinstance(update, ZeroUpdate):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+        model, get = update.engine.module.model, safe_get_full_grad if kind == "grad" else safe_get_full_fp32_param
+    else:
+        model = (
+            update.model.module if isinstance(update.model, torch.nn.parallel.DistributedDataParallel) else update.model
+        )
+        get = (lambda p: p.grad) if kind == "grad" else (lambda p: p)
+    whole = {}
+    for name, p in model.named_parameters():
+        t = get(p).detach()
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        whole[name] = t.double().cpu().clone().numpy()  # a copy; numpy: pickled by value to the test
+    return whole
+
+
+def _recorded_run(rank, world, out, extra, dtype):
+    # MASFormer creates its parameters and buffers in the default dtype: float64 for the whole run.
+    torch.set_default_dtype(dtype)
+    try:
+        job = _RecordingJob(_cfg(out, *extra), dtype)
+        train(job.cfg, job)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return job.grads, job.params
+
+
+# Engine, its arguments on two ranks, the dtype it trains in, the tolerance. DDP and tensor
+# parallelism keep float64 through; FSDP2 reduces gradients in float32 (lsts' mixed-precision
+# policy); DeepSpeed ZeRO takes half and float32 parameters only.
+ENGINES = [
+    pytest.param(["--parallel.dp_engine=ddp", "--data.batch_size=1"], torch.float64, 1e-10, id="ddp"),
+    pytest.param(["--parallel.dp_engine=fsdp2", "--data.batch_size=1"], torch.float64, 1e-5, id="fsdp2"),
+    pytest.param(["--parallel.tp=2", "--parallel.dp_shard=1", "--data.batch_size=2"], torch.float64, 1e-10, id="tp"),
+    *(
+        pytest.param([f"--parallel.dp_engine={e}", "--data.batch_size=1"], torch.float32, 1e-5, id=e)
+        for e in ("zero1", "zero2", "zero3")
+    ),
+]
+
+
+@pytest.mark.parametrize("engine_args,dtype,tol", ENGINES)
+def test_engine_gradients_and_updates_equal_one_process(tmp_path, engine_args, dtype, tol):
+    """Three steps with the same two rows per step: on two ranks (one row each, or tensor-parallel
+    halves of every block) and in one process; the gradients are clipped (grad_clip 1) on the way."""
+    same = ["--steps=3"]
+    one_grads, one_params = run_ranks(_recorded_run, 1, str(tmp_path / "one"), [*same, "--data.batch_size=2"], dtype)[0]
+    for rank, (grads, params) in enumerate(
+        run_ranks(_recorded_run, 2, str(tmp_path / "two"), [*same, *engine_args], dtype)
+    ):
+        for what, got, want in (("gradient", grads, one_grads), ("parameter", params, one_params)):
+            assert len(got) == len(want) == 3
+            for step, (a, b) in enumerate(zip(got, want), start=1):
+                assert a.keys() == b.keys()
+                errors = {name: rel_err(torch.from_numpy(a[name]), torch.from_numpy(b[name])) for name in b}
+                bad = {name: f"{e:.1e}" for name, e in errors.items() if not e <= tol}
+                assert not bad, f"rank {rank} step {step}: {what}s differ: {bad}"
+    # The updates moved every parameter (a comparison of untouched weights would prove nothing).
+    assert all((one_params[0][name] != one_params[-1][name]).any() for name in one_params[0])
 
 
 def test_deepspeed_zero_over_context_parallel_ranks_with_accumulation_equals_one_process(tmp_path):
     # Two backward calls per optimizer step: DeepSpeed must not divide them by its accumulation steps.
     one = _run(tmp_path, "cp1", 1, "--train.grad_accum=2")
     two = _run(tmp_path, "zero-cp2", 2, "--train.grad_accum=2", "--parallel.cp_ring=2", "--parallel.dp_engine=zero2")
-    _assert_same_run(two, one)
-
-
-def test_tensor_parallel_equals_one_process(tmp_path):
-    one = _run(tmp_path, "tp1", 1)
-    two = _run(tmp_path, "tp2", 2, "--parallel.tp=2")
     _assert_same_run(two, one)
 
 
@@ -213,22 +289,99 @@ def test_compiled_blocks_train_like_eager(tmp_path, world):
     _assert_same_run(compiled, eager, tol=1e-4)
 
 
-def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
+def test_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
+    # A learning rate of 1e30 blows the weights up in step 3: its gradient is non-finite.
     out = str(tmp_path / "nan")
     run_ranks(_train_on_ranks, 1, out, ["--steps=2"])
     errors = run_ranks(_expect_non_finite, 1, out, ["--steps=4", "--resume", "--optim.lr=1e30"])
     assert "optimizer did not step" in errors[0] and "intact" in errors[0]
+    assert "gradient norm not computed" not in errors[0]  # the gradient check fired, not the loss check
     assert latest_checkpoint(out).name == "step-000002"
 
 
 def _expect_non_finite(rank, world, out, extra):
-    from lsts.train.trainer import NonFiniteError, train
-
     try:
         train(_cfg(out, *extra))
     except NonFiniteError as e:
         return str(e)
     raise AssertionError("no NonFiniteError")
+
+
+class _NanLossJob(MASFormerJob):
+    """The default job whose loss turns NaN in step 2 (the loss itself, so that the trainer's loss
+    check fires before any gradient norm is taken); keeps the parameters as step 2 found them."""
+
+    def build(self, dims, mesh, device, dtype):
+        update, flops_per_token = super().build(dims, mesh, device, dtype)
+        self.update, self.step, loss = update, 0, update.loss
+        update.loss = lambda *row: loss(*row) * (float("nan") if self.step == 2 else 1.0)
+        return update, flops_per_token
+
+    def before_step(self, step):
+        self.step = step
+        if step == 2:
+            self.before = {n: p.detach().clone() for n, p in self.update.model.named_parameters()}
+
+
+def _nan_loss_run(rank, world, out):
+    job = _NanLossJob(_cfg(out, "--steps=3"))
+    try:
+        train(job.cfg, job)
+    except NonFiniteError as e:
+        untouched = all(torch.equal(job.before[n], p) for n, p in job.update.model.named_parameters())
+        return str(e), untouched, job.update.scheduler.last_epoch
+    raise AssertionError("no NonFiniteError")
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    out = str(tmp_path / "nan-loss")
+    [(message, untouched, scheduler_steps)] = run_ranks(_nan_loss_run, 1, out)
+    assert message.startswith("step 2: loss nan, gradient norm not computed; the optimizer did not step"), message
+    assert f"last checkpoint in {out} is intact" in message and "--resume" in message
+    assert untouched and scheduler_steps == 1  # step 1's update only
+
+
+class _StalledRankJob(MASFormerJob):
+    """Rank 1 misses step 2's first collective: it waits instead for a message that rank 0 never
+    sends, while rank 0 waits in the all-reduce that rank 1 skipped."""
+
+    def before_step(self, step):
+        if step == 2:
+            self.stalled_at = time.monotonic()
+            if dist.get_rank() == 1:
+                dist.recv(torch.zeros(1), src=0)
+
+
+def _stalled_run(rank, world, out, timeout_s):
+    from lsts.train.trainer import init_distributed
+
+    job = _StalledRankJob(_cfg(out, f"--parallel.timeout_s={timeout_s}", "--parallel.dp_engine=ddp"))
+    # The group is lsts' own (parallel.timeout_s), made here so that it outlives train(): a rank that
+    # fails first must not close the connections under its peer's wait.
+    init_distributed(job.cfg, torch.device("cpu"))
+    try:
+        train(job.cfg, job)
+    except Exception as e:
+        failed_after = time.monotonic() - job.stalled_at
+        message = f"{type(e).__name__}: {e}"
+    else:
+        raise AssertionError(f"rank {rank}: the run finished")
+    time.sleep(timeout_s)  # the peer's own timeout fires meanwhile
+    dist.destroy_process_group()
+    return message, failed_after
+
+
+def test_a_rank_that_skips_a_collective_fails_every_rank_within_the_timeout(tmp_path):
+    timeout_s = 5
+    results = run_ranks(_stalled_run, 2, str(tmp_path / "stall"), timeout_s, own_group=True, timeout=120)
+    timed_out = ["timed out" in message.lower() for message, _ in results]
+    # gloo gives up on the connection of a timed-out wait: a peer still waiting may see it closed
+    # (a moment before its own timeout) rather than time out itself.
+    assert any(timed_out), results
+    for rank, (message, failed_after) in enumerate(results):
+        assert timed_out[rank] or "Connection closed by peer" in message, f"rank {rank}: {message}"
+        # Not before the timeout; well before the 10-minute default (slack for a busy machine).
+        assert timeout_s * 0.9 <= failed_after <= timeout_s + 10, f"rank {rank}: {failed_after:.1f} s"
 
 
 def test_resume_is_bit_exact(tmp_path):

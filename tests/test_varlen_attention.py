@@ -9,7 +9,7 @@ import torch
 
 from lsts.kernels.attention import Documents, Span, attention
 from lsts.kernels.backend import HAS_TRITON, triton_interpreting
-from tests.oracle import rel_err
+from tests.oracle import explicit_attention, rel_err
 from tests.test_span_attention import oracle
 
 CU = [0, 5, 30, 31, 63]  # odd lengths, a one-token document
@@ -75,11 +75,8 @@ def oracle_masked(q, k, v, dout, span, q_offset, k_offset, cu):
     doc_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     q_pos, k_pos = torch.arange(q.shape[1]) + q_offset, torch.arange(k.shape[1]) + k_offset
     same = doc_id[q_pos][:, None] == doc_id[k_pos][None, :]
-    from lsts.kernels.attention import reference as ref
-
     q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
-    mask = (span.mask(q_pos, k_pos, q.shape[2]) & same)[None]
-    out, lse = ref.attention_fwd(q, k, v, q.shape[-1] ** -0.5, mask=mask)
+    out, lse = explicit_attention(q, k, v, span.mask(q_pos, k_pos, q.shape[2]) & same, q.shape[-1] ** -0.5)
     return [out.detach(), lse, *torch.autograd.grad(out, (q, k, v), dout.double())]
 
 

@@ -24,8 +24,9 @@ from lsts.config import (
     _at_least,
     _f,
 )
+from lsts.finetune.methods import METHODS, method_help
 
-Method = Literal["lora", "longlora", "sinklora", "full", "spt"]
+Method = Literal[tuple(METHODS)]
 
 
 @dataclass
@@ -33,10 +34,7 @@ class FinetuneConfig:
     """What is fine-tuned, and how."""
 
     model: str = _f("", "Hugging Face checkpoint: a local directory or a hub name already in the local cache")
-    method: Method = _f(
-        "longlora",
-        "lora | longlora (S2-Attn + LoRA+) | sinklora (SF-Attn + sinks + LoRA+) | full | spt (sparse MHA, routed FFN)",
-    )
+    method: Method = _f("longlora", method_help())
     lora_r: int = _f(8, "LoRA rank of lora / longlora / sinklora (spt uses SPT's 16)")
     lora_alpha: int = _f(16, "LoRA alpha of lora / longlora / sinklora (spt uses 32)")
     s2_variant: Literal["leak_free", "roll"] = _f(

@@ -18,6 +18,7 @@ sinks, layer types) stay in its config: trained with and exported as they are.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lsts.attention import LOCAL, AttentionContext, RolledS2
+from lsts.finetune.methods import METHODS
 from lsts.finetune.positions import extend_positions, interpolation_factor
 from lsts.finetune.targets import lora_config
 from lsts.kernels.attention import Span
 from lsts.models.hf import use_lsts_attention
 
-METHODS = ("lora", "longlora", "sinklora", "full", "spt")
 N_SINK = 4
 
 
@@ -49,17 +50,20 @@ def recipe(method: str, seq_len: int, s2_variant: str = "leak_free") -> Recipe:
     """The recipe of ``method`` at training length ``seq_len`` (groups of seq_len / 4, as LongLoRA);
     ``s2_variant="roll"`` gives longlora the paper's rolled grouping (an ablation, `RolledS2`)."""
     if method not in METHODS:
-        raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
-    group = seq_len // 4
-    if method in ("longlora", "sinklora") and (group < 2 or group % 2):
+        raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {tuple(METHODS)}")
+    m, group = METHODS[method], seq_len // 4
+    if m.span in ("s2", "sf") and (group < 2 or group % 2):
         raise ValueError(
             f"{method} shifts groups of seq_len / 4 = {group} tokens by half: seq_len must be a multiple of 8"
         )
     if s2_variant not in ("leak_free", "roll"):
         raise ValueError(f"unknown S² variant {s2_variant!r}; choose leak_free or roll")
-    s2 = RolledS2(group) if s2_variant == "roll" else Span("s2", group)
-    span = {"longlora": s2, "sinklora": Span("sf", group, N_SINK)}.get(method)
-    return Recipe(method, span, lora=method != "full", train_embeddings_and_norms=method in ("longlora", "sinklora"))
+    span = None
+    if m.span == "s2":
+        span = RolledS2(group) if s2_variant == "roll" else Span("s2", group)
+    elif m.span is not None:
+        span = Span(m.span, group, N_SINK if m.span == "sf" else 0)
+    return Recipe(method, span, m.lora, m.train_embeddings_and_norms)
 
 
 def load_extended(model_dir: str | Path, seq_len: int, dtype: torch.dtype = torch.float32):
@@ -84,10 +88,9 @@ def prepare(
     trainable (peft adapters for the LoRA methods). Returns the model to train. ``spt`` keeps its
     own LoRA rank (16) and needs ``sparse_attention`` false under context parallelism."""
     rec = recipe(method, seq_len, s2_variant)
-    if method == "spt":
-        from lsts.finetune.spt import SPTConfig, prepare_spt
-
-        return prepare_spt(model, SPTConfig(sparse_attention=sparse_attention, backend=ctx.backend), ctx)
+    if METHODS[method].prepare is not None:  # the method's own preparation, from its own module
+        module, function = METHODS[method].prepare.split(":")
+        return getattr(importlib.import_module(module), function)(model, ctx, sparse_attention)
     use_lsts_attention(model, span=rec.span, ctx=ctx)
     if not rec.lora:
         return model.requires_grad_(True)

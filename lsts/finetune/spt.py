@@ -226,6 +226,12 @@ def _check_sparse_ctx(ctx: AttentionContext) -> None:
 # ------------------------------------------------------------------------------------------ API
 
 
+def prepare_recipe(model: nn.Module, ctx: AttentionContext, sparse_attention: bool) -> nn.Module:
+    """The ``spt`` fine-tuning method's preparation (`lsts.finetune.methods`): SPT's own LoRA rank
+    and alpha (16 / 32), whatever ``finetune.lora_r`` / ``lora_alpha`` say."""
+    return prepare_spt(model, SPTConfig(sparse_attention=sparse_attention, backend=ctx.backend), ctx)
+
+
 def prepare_spt(model: nn.Module, config: SPTConfig = SPTConfig(), ctx: AttentionContext = LOCAL) -> nn.Module:
     """SPT on a Hugging Face decoder, in the dense stage: returns the peft model to train. The
     trainer adds `aux_loss` to its loss and calls ``set_stage(model, "sparse")`` when the codebooks
@@ -311,6 +317,7 @@ __all__ = [
     "SPTConfig",
     "aux_loss",
     "calibrate",
+    "prepare_recipe",
     "prepare_spt",
     "register",
     "set_stage",

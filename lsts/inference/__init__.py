@@ -1,8 +1,9 @@
 """Inference-side pieces of long-context fine-tuning: decoding against long KV caches.
 
-- `split_k_attention` (``decode.py``): decode attention with the keys cut into equal work units
-  whose partial ``(out, lse)`` merge (Lean Attention's split-K), also across ranks that shard the
-  cache.
+- `split_k_attention` (`lsts.kernels.attention.split_k`, re-exported here): decode attention with the
+  keys cut into equal work units whose partial ``(out, lse)`` merge (Lean Attention's split-K), also
+  across ranks that shard the cache. It lives with the kernels so that the model layer
+  (`lsts.models.hf`) can use it without importing this package, which builds on the models.
 - `H2OCache` (``h2o.py``): a ``transformers.Cache`` that keeps, per head, the recent tokens plus
   the heavy hitters of the accumulated attention (H2O), optionally decayed (A2SF); `attach_h2o`
   connects it to a model running lsts attention.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from lsts.inference.decode import split_bounds, split_k_attention
+from lsts.kernels.attention.split_k import split_bounds, split_k_attention
 
 if TYPE_CHECKING:
     from lsts.inference.h2o import H2OCache, H2OLayer, accumulated_attention, attach_h2o, detach_h2o, keep_indices

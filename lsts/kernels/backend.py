@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only for annotations: lsts.config reads BACKENDS before torch is imported
+    import torch
 
+# The kernel backends, the one list of them: lsts.config's choices derive from it.
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 

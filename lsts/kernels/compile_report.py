@@ -147,15 +147,15 @@ def _anchor(d: int) -> None:
 
 
 def _loss(vocab: int, softcap: float | None) -> None:
-    from lsts.kernels import loss
+    from lsts.kernels.loss import triton as loss
 
     # The logits chunk is float32 whatever the activations' dtype (the accumulation dtype).
     z = _cuda(2048, vocab, dtype=torch.float32)
-    loss._ce_chunk_triton(z, _cuda(2048, dtype=torch.int64), -100, softcap)
+    loss.ce_chunk(z, _cuda(2048, dtype=torch.int64), -100, softcap)
 
 
 def _norm(dim: int, dtype: torch.dtype) -> None:
-    from lsts.kernels import norm
+    from lsts.kernels.norm import triton as norm
 
     x, w = _cuda(_B, _S, dim, dtype=dtype), _cuda(dim, dtype=torch.float32)
     _, rstd = norm.rms_norm_fwd(x, w, 1e-5)
@@ -163,7 +163,7 @@ def _norm(dim: int, dtype: torch.dtype) -> None:
 
 
 def _rope(heads: int, d: int, dtype: torch.dtype) -> None:
-    from lsts.kernels import rope
+    from lsts.kernels.rope import triton as rope
 
     x = _cuda(_B, _S, heads, d, dtype=dtype)
     positions = _cuda(_B, _S, dtype=torch.int64)

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lsts.attention import AttentionContext
 from lsts.parallel.sharding import check_seq_len
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp_ring", "cp_ulysses", "tp")
@@ -111,15 +110,6 @@ class ParallelDims:
         mesh = init_device_mesh(device_type, tuple(self.degrees.values()), mesh_dim_names=AXES)
         flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items()}
         return ParallelMesh(mesh, flat)
-
-    def attention_context(self, mesh: ParallelMesh | None, backend: str, layout: str) -> AttentionContext:
-        """Local attention without context parallelism; ring, Ulysses or both over the mesh's cp axes."""
-        if self.cp == 1:
-            return AttentionContext("local", backend, layout)
-        ring = mesh["cp_ring"].get_group() if self.cp_ring > 1 else None
-        uly = mesh["cp_ulysses"].get_group() if self.cp_ulysses > 1 else None
-        mode = "hybrid" if ring and uly else ("ring" if ring else "ulysses")
-        return AttentionContext(mode, backend, layout, ring_group=ring, ulysses_group=uly)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attend_rows, document_rows
+from lsts.kernels.attention.documents import document_fields
 from lsts.parallel.checks import attention_setup
-from lsts.parallel.ring import document_fields, ring_attention
+from lsts.parallel.ring import ring_attention
 from lsts.parallel.sharding import check_seq_len, layout_indices
 from lsts.parallel.ulysses import (
     check_head_count,

@@ -2,7 +2,7 @@
 
 Order (as in torchtitan): tensor parallelism (`apply_tensor_parallel`), activation checkpointing,
 then the data-parallel engine. Context parallelism needs no change to the modules: the model's
-attention calls receive an `AttentionContext` (see `ParallelDims.attention_context`) that shards
+attention calls receive an `AttentionContext` (see `lsts.attention.AttentionContext.from_mesh`) that shards
 the sequence.
 
 Data-parallel engines: FSDP2 (``fully_shard`` per transformer block, then the root) over the

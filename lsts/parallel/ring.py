@@ -30,6 +30,7 @@ from lsts.kernels.attention import (
     attention_fwd,
     document_rows,
 )
+from lsts.kernels.attention.documents import document_fields
 from lsts.kernels.attention.merge import merge_into
 from lsts.kernels.attention.sinks import add_sinks, sinks_grad
 from lsts.parallel.checks import attention_setup
@@ -125,20 +126,6 @@ def ring_backward(
 
     dkv = ring_pass_with_grad(comm, grad_comm, torch.stack([k, v]), visit)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
-
-
-def document_fields(docs: Documents | None) -> dict[str, int]:
-    """What every rank must agree on about the packed documents: their count, a checksum, and for a
-    batch whose rows have their own documents, its rows and calls (the same keys in every case)."""
-    if docs is None:
-        return {"packed documents": 0, "document boundary checksum": 0, "rows with own documents": 0, "row calls": 0}
-    weights = torch.arange(1, len(docs.cu) + 1)
-    return {
-        "packed documents": len(docs.cu) - 1,
-        "document boundary checksum": int((docs.cu * weights).sum() % 2**31),
-        "rows with own documents": docs.row_plan[0],
-        "row calls": docs.row_plan[1],
-    }
 
 
 class _RingAttention(torch.autograd.Function):

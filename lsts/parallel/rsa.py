@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention.reference import _expand_kv, _fold_kv
+from lsts.kernels.attention.reference import expand_kv, fold_kv
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import RingComm
 from lsts.parallel.ring import acc_dtype, ring_pass, ring_pass_with_grad
@@ -32,7 +32,7 @@ def _rsa_forward(q, k, v, comm: RingComm, causal: bool, scale: float):
     probs = torch.empty(b, h, s, s * comm.world, dtype=acc, device=q.device)
 
     def scores(src, k_blk):
-        _rows(probs, src, s).copy_(torch.einsum("bqhd,bkhd->bhqk", qa, _expand_kv(k_blk.to(acc), h)))
+        _rows(probs, src, s).copy_(torch.einsum("bqhd,bkhd->bhqk", qa, expand_kv(k_blk.to(acc), h)))
 
     ring_pass(comm, k, scores)
     probs.mul_(scale)
@@ -45,7 +45,7 @@ def _rsa_forward(q, k, v, comm: RingComm, causal: bool, scale: float):
     out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
 
     def accumulate(src, v_blk):
-        out.add_(torch.einsum("bhqk,bkhd->bqhd", _rows(probs, src, s), _expand_kv(v_blk.to(acc), h)))
+        out.add_(torch.einsum("bhqk,bkhd->bqhd", _rows(probs, src, s), expand_kv(v_blk.to(acc), h)))
 
     ring_pass(comm, v, accumulate)
     return out, lse, probs
@@ -59,8 +59,8 @@ def _rsa_backward(dout, q, k, v, out, probs, comm: RingComm, grad_comm: RingComm
 
     def grad_v(src, v_blk):
         # dP = dO V^T for this key block; dV = P^T dO travels home with V.
-        _rows(dp, src, s).copy_(torch.einsum("bqhd,bkhd->bhqk", doa, _expand_kv(v_blk.to(acc), h)))
-        return _fold_kv(torch.einsum("bhqk,bqhd->bkhd", _rows(probs, src, s), doa), n_kv)
+        _rows(dp, src, s).copy_(torch.einsum("bqhd,bkhd->bhqk", doa, expand_kv(v_blk.to(acc), h)))
+        return fold_kv(torch.einsum("bhqk,bqhd->bkhd", _rows(probs, src, s), doa), n_kv)
 
     dv = ring_pass_with_grad(comm, grad_comm, v, grad_v)
     delta = (doa * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # rowsum(dO * O) = rowsum(P * dP)
@@ -68,8 +68,8 @@ def _rsa_backward(dout, q, k, v, out, probs, comm: RingComm, grad_comm: RingComm
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
 
     def grad_k(src, k_blk):
-        dq.add_(torch.einsum("bhqk,bkhd->bqhd", _rows(ds, src, s), _expand_kv(k_blk.to(acc), h)))
-        return _fold_kv(torch.einsum("bhqk,bqhd->bkhd", _rows(ds, src, s), qa), n_kv) * scale
+        dq.add_(torch.einsum("bhqk,bkhd->bqhd", _rows(ds, src, s), expand_kv(k_blk.to(acc), h)))
+        return fold_kv(torch.einsum("bhqk,bqhd->bkhd", _rows(ds, src, s), qa), n_kv) * scale
 
     dk = ring_pass_with_grad(comm, grad_comm, k, grad_k)
     return (dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

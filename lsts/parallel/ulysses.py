@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 
 from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attend_rows, attention, document_rows
+from lsts.kernels.attention.documents import document_fields
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import all_to_all, even_split
-from lsts.parallel.ring import document_fields
 from lsts.parallel.sharding import DOCUMENT_LAYOUTS, check_document_layout, layout_indices
 
 

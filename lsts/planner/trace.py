@@ -30,6 +30,7 @@ import re
 import warnings
 import weakref
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,7 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY as _TOTAL
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _ModState
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lsts.attention import AttentionContext
 from lsts.config import Config
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
@@ -162,18 +164,22 @@ def _sequence_parallel_transport(sent: dict[str, int], received: _LiveBytes):
         RingComm.send_recv, RingComm.wait, halo._exchange, ulysses.all_to_all, agreement.agree_across_ranks = saved
 
 
-def _fake_world(world: int) -> None:
-    """A ``fake`` default process group of ``world`` ranks (this process is rank 0), once; a real
-    one is never replaced."""
+@contextlib.contextmanager
+def _fake_world(world: int) -> Iterator[None]:
+    """A ``fake`` default process group of ``world`` ranks (this process is rank 0) while the trace
+    runs, gone again after it (an in-process caller's later code must not see it); a real one is
+    never replaced."""
     if dist.is_initialized():
         if dist.get_backend() != "fake":
             raise ValueError("the planner traces with a fake process group: run it in its own process, not in a job")
-        if dist.get_world_size() == world:
-            return
         dist.destroy_process_group()
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _slice_for_tensor_parallel(model: MASFormer, tp: int) -> None:
@@ -228,50 +234,48 @@ def trace_step(
     layout = "zigzag" if p.layout in ("balanced", "auto") else p.layout
     local = seq // dims.cp
     sent: dict[str, int] = defaultdict(int)
-    if dims.cp > 1:
-        _fake_world(dims.world_size)
-        ctx = dims.attention_context(dims.build_mesh("cpu"), cfg.kernels.attention, layout)
-    else:
-        ctx = ONE_RANK.attention_context(None, cfg.kernels.attention, layout)
-    ctx = ctx.with_documents(documents)
-    positions = _positions(seq, dims.cp, layout)
-    received = _LiveBytes()
-    transport = _sequence_parallel_transport(sent, received)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake, _PlausibleReads(), transport:
-        model = _build(cfg, dtype)
-        if dims.tp > 1:
-            _slice_for_tensor_parallel(model, dims.tp)
-        if dims.pp > 1:
-            model = split_stage(model, dims.pp, stage)
-        sizes = _param_sizes(model)
-        model = parallelize(model, ONE_RANK, None, "fsdp2", p.activation_checkpoint, dtype,
-                            activation_offload=p.activation_offload, mlp_tile_tokens=p.mlp_tile_tokens)  # fmt: skip
-        loss_fn = _Loss(cfg)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer, loss_fn)
-        last = model.output_weight if (model.norm is not None) else None
-        if not keep_grads:
-            for weight in model.parameters():
-                weight.register_post_accumulate_grad_hook(_drop_grad)
-        with tracker, warnings.catch_warnings():
-            # The tracker's gradient hook runs after ours and finds the dropped gradient gone.
-            warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass", UserWarning)
-            for _ in range(2):
-                tracker.reset_mod_stats()  # MemTracker keeps one iteration's per-module records
-                sent.clear()
-                if model.tok_embeddings is not None:
-                    inputs = fake.from_tensor(torch.zeros(1, local, dtype=torch.long))
-                else:  # a later pipeline stage receives hidden states, and sends their gradient back
-                    inputs = torch.zeros(1, local, cfg.model.dim, dtype=dtype, requires_grad=True)
-                hidden = model(inputs, fake.from_tensor(positions), ctx)
-                if last is not None:
-                    loss_fn(hidden, last, fake.from_tensor(torch.zeros(local, dtype=torch.long))).backward()
-                else:  # an earlier pipeline stage: the gradient of its output arrives from the next one
-                    hidden.backward(torch.zeros_like(hidden))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        return _summarize(tracker, loss_fn, dict(sent), sizes, received.peak)
+    with _fake_world(dims.world_size) if dims.cp > 1 else contextlib.nullcontext():
+        mesh = dims.build_mesh("cpu") if dims.cp > 1 else None
+        ctx = AttentionContext.from_mesh(dims if dims.cp > 1 else ONE_RANK, mesh, cfg.kernels.attention, layout)
+        ctx = ctx.with_documents(documents)
+        positions = _positions(seq, dims.cp, layout)
+        received = _LiveBytes()
+        transport = _sequence_parallel_transport(sent, received)
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake, _PlausibleReads(), transport:
+            model = _build(cfg, dtype)
+            if dims.tp > 1:
+                _slice_for_tensor_parallel(model, dims.tp)
+            if dims.pp > 1:
+                model = split_stage(model, dims.pp, stage)
+            sizes = _param_sizes(model)
+            model = parallelize(model, ONE_RANK, None, "fsdp2", p.activation_checkpoint, dtype,
+                                activation_offload=p.activation_offload, mlp_tile_tokens=p.mlp_tile_tokens)  # fmt: skip
+            loss_fn = _Loss(cfg)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer, loss_fn)
+            last = model.output_weight if (model.norm is not None) else None
+            if not keep_grads:
+                for weight in model.parameters():
+                    weight.register_post_accumulate_grad_hook(_drop_grad)
+            with tracker, warnings.catch_warnings():
+                # The tracker's gradient hook runs after ours and finds the dropped gradient gone.
+                warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass", UserWarning)
+                for _ in range(2):
+                    tracker.reset_mod_stats()  # MemTracker keeps one iteration's per-module records
+                    sent.clear()
+                    if model.tok_embeddings is not None:
+                        inputs = fake.from_tensor(torch.zeros(1, local, dtype=torch.long))
+                    else:  # a later pipeline stage receives hidden states, and sends their gradient back
+                        inputs = torch.zeros(1, local, cfg.model.dim, dtype=dtype, requires_grad=True)
+                    hidden = model(inputs, fake.from_tensor(positions), ctx)
+                    if last is not None:
+                        loss_fn(hidden, last, fake.from_tensor(torch.zeros(local, dtype=torch.long))).backward()
+                    else:  # an earlier pipeline stage: the gradient of its output arrives from the next one
+                        hidden.backward(torch.zeros_like(hidden))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            return _summarize(tracker, loss_fn, dict(sent), sizes, received.peak)
 
 
 def _drop_grad(weight: torch.Tensor) -> None:

@@ -24,8 +24,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from lsts.attention import AttentionContext
 from lsts.cli import RunError
 from lsts.config import Config, KernelsConfig
+from lsts.kernels.attention.documents import document_fields
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
 from lsts.parallel.agreement import RowInputs, StepAgreement
@@ -33,7 +35,6 @@ from lsts.parallel.comm import init_process_group
 from lsts.parallel.dims import ParallelDims
 from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
 from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
-from lsts.parallel.ring import document_fields
 from lsts.parallel.sharding import LAYOUTS
 from lsts.train import zero
 from lsts.train.checkpoint import Checkpointer, checkpoint_contents, checkpoint_dir, latest_checkpoint, read_info
@@ -197,7 +198,7 @@ def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     update, flops_per_token = job.build(dims, mesh, device, dtype)
-    ctx = dims.attention_context(mesh, cfg.kernels.attention, cfg.parallel.layout)  # each row sets its layout
+    ctx = AttentionContext.from_mesh(dims, mesh, cfg.kernels.attention, cfg.parallel.layout)  # each row sets its layout
     data = build_data(
         cfg.data,
         dp_rank=dp_rank,
@@ -500,7 +501,7 @@ def _clip(model, max_norm: float, pp_group=None) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     squares = []
     for g in grads:
-        n = torch.linalg.vector_norm(g, dtype=torch.float32)
+        n = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))  # float64 stays
         squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
     total = torch.stack(squares).sum() if squares else torch.zeros(())
     if pp_group is not None:

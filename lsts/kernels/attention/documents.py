@@ -110,3 +110,17 @@ def attend_rows(fn: Callable, rows: list[tuple[int, ...]], q, k, v, with_lse: bo
     back = torch.argsort(torch.tensor([b for picked in calls.values() for b in picked], device=q.device))
     out, lse = torch.cat(outs).index_select(0, back), torch.cat(lses).index_select(0, back)
     return (out, lse) if with_lse else out
+
+
+def document_fields(docs: Documents | None) -> dict[str, int]:
+    """What every rank must agree on about the packed documents: their count, a checksum, and for a
+    batch whose rows have their own documents, its rows and calls (the same keys in every case)."""
+    if docs is None:
+        return {"packed documents": 0, "document boundary checksum": 0, "rows with own documents": 0, "row calls": 0}
+    weights = torch.arange(1, len(docs.cu) + 1)
+    return {
+        "packed documents": len(docs.cu) - 1,
+        "document boundary checksum": int((docs.cu * weights).sum() % 2**31),
+        "rows with own documents": docs.row_plan[0],
+        "row calls": docs.row_plan[1],
+    }

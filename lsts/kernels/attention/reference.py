@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 
 
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, S, H_kv, D] -> [B, S, H, D] by repeating each K/V head for its query group."""
     return x.repeat_interleave(n_heads // x.shape[2], dim=2)
 
 
-def _fold_kv(grad: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """Inverse of `_expand_kv` for gradients: sum the query group's contributions per K/V head."""
+def fold_kv(grad: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Inverse of `expand_kv` for gradients: sum the query group's contributions per K/V head."""
     b, s, h, d = grad.shape
     return grad.view(b, s, n_kv_heads, h // n_kv_heads, d).sum(dim=3)
 
@@ -29,7 +29,7 @@ def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
 def _scores(q, k, softmax_scale, causal, mask, softcap=0.0):
     """Scaled (then, with ``softcap``, capped: ``softcap * tanh(s / softcap)``) scores [B, H, Sq, Sk]
     with masked entries at -inf."""
-    k = _expand_kv(k, q.shape[2])
+    k = expand_kv(k, q.shape[2])
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
@@ -60,7 +60,7 @@ def attention_fwd(
     s = _scores(q.to(acc), k.to(acc), softmax_scale, causal, mask, softcap)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
-    out = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(v.to(acc), q.shape[2]))
+    out = torch.einsum("bhqk,bkhd->bqhd", p, expand_kv(v.to(acc), q.shape[2]))
     return out.to(q.dtype), lse
 
 
@@ -85,13 +85,13 @@ def attention_bwd(
     p = torch.exp(s - lse.to(acc).masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
     p = p.masked_fill(torch.isinf(s), 0.0)
     delta = (doa * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Sq]
-    v_full = _expand_kv(va, q.shape[2])
+    v_full = expand_kv(va, q.shape[2])
     dp = torch.einsum("bqhd,bkhd->bhqk", doa, v_full)
     ds = p * (dp - delta.unsqueeze(-1))
     if softcap:  # s = c·tanh(x / c): ds/dx = 1 - tanh², 0 where masked (there ds is 0 and s is -inf)
         ds = ds * (1 - (s / softcap) ** 2).masked_fill(torch.isinf(s), 0.0)
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, _expand_kv(ka, q.shape[2])) * softmax_scale
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, expand_kv(ka, q.shape[2])) * softmax_scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, qa) * softmax_scale
     dv = torch.einsum("bhqk,bqhd->bkhd", p, doa)
     n_kv = k.shape[2]
-    return dq.to(q.dtype), _fold_kv(dk, n_kv).to(k.dtype), _fold_kv(dv, n_kv).to(v.dtype)
+    return dq.to(q.dtype), fold_kv(dk, n_kv).to(k.dtype), fold_kv(dv, n_kv).to(v.dtype)

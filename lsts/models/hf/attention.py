@@ -40,9 +40,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lsts.attention import LOCAL, AttentionContext, attention
-from lsts.inference.decode import split_k_attention
 from lsts.kernels.attention import CAUSAL, FULL, Span
 from lsts.kernels.attention import attention as local_attention
+from lsts.kernels.attention.split_k import split_k_attention
 
 NAME = "lsts"
 DECODE_UNIT = 4096  # keys per split-K work unit when decoding against a longer cache

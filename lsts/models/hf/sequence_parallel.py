@@ -393,7 +393,7 @@ def sequence_parallel(
         ctx, group = AttentionContext("local", backend, layout), None
     else:
         mesh = dims.build_mesh("cuda" if dist.get_backend() == "nccl" else "cpu")
-        ctx, group = dims.attention_context(mesh, backend, layout), mesh["cp"].get_group()
+        ctx, group = AttentionContext.from_mesh(dims, mesh, backend, layout), mesh["cp"].get_group()
     use_lsts_attention(model, span, ctx)
     return SequenceParallel(model, dims, ctx, group)
 

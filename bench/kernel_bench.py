@@ -28,10 +28,10 @@ FlashAttention or cuDNN (fed transposed views of the same tensors, so all comput
 forward and backward TFLOP/s; Triton window spans against Triton causal; chunked (Triton) against
 dense cross-entropy, time and peak CUDA memory. Times: ``triton.testing.do_bench`` medians.
 
-    python bench/kernels.py --sections window-cpu                    # ~3-4 min on 2 idle cores
-    python bench/kernels.py --sections window-cpu --seq-len 8192 --windows 512 1024 4096 --warmup 1 --iters 3
-    python bench/kernels.py --sections loss-cpu                      # ~3 min on 2 cores
-    python bench/kernels.py --sections gpu                           # a few minutes on one GPU
+    python bench/kernel_bench.py --sections window-cpu                    # ~3-4 min on 2 idle cores
+    python bench/kernel_bench.py --sections window-cpu --seq-len 8192 --windows 512 1024 4096 --warmup 1 --iters 3
+    python bench/kernel_bench.py --sections loss-cpu                      # ~3 min on 2 cores
+    python bench/kernel_bench.py --sections gpu                           # a few minutes on one GPU
 """
 
 from __future__ import annotations

@@ -46,95 +46,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from lsts.kernels import _utils
 from lsts.kernels.backend import resolve_backend
 from lsts.kernels.buffers import kernel_buffer
 
 _SUPPORTED = ("triton", "torch", "reference")
 _REDUCTIONS = ("sum", "mean")
-_MAX_BLOCK_V = 4096  # vocabulary block of the kernel: 16 KiB of float32 per program, enough to hide latency
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-# --- Triton kernel --------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x):
-    # tl has no tanh that also runs in the interpreter; this form saturates to ±1 without NaN.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _ce_chunk_kernel(
-    z, labels, loss, stride_z, V, ignore_index, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr
-):
-    # One program per token: reads its row of logits, writes its loss and, over the same row, dloss/dlogits.
-    i_c = tl.program_id(0).to(tl.int64)
-    p_z = z + i_c * stride_z
-    b_y = tl.load(labels + i_c)
-    b_valid = b_y != ignore_index
-    b_y = tl.where(b_valid, b_y, 0)  # an ignored row still reads a real column; its results are zeroed
-
-    # Pass 1: online max and sum of exponentials over the vocabulary blocks.
-    b_m = float("-inf")
-    b_s = 0.0
-    for i_v in range(0, V, BLOCK_V):
-        o_v = i_v + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z = tl.load(p_z + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BLOCK_V]
-        if HAS_SOFTCAP:
-            b_z = softcap * _tanh(b_z / softcap)
-        b_z = tl.where(m_v, b_z, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
-        b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_z - b_m_new), axis=0)
-        b_m = b_m_new
-    b_lse = b_m + tl.log(b_s)
-
-    b_zy = tl.load(p_z + b_y).to(tl.float32)
-    if HAS_SOFTCAP:
-        b_zy = softcap * _tanh(b_zy / softcap)
-    tl.store(loss + i_c, tl.where(b_valid, b_lse - b_zy, 0.0).to(loss.dtype.element_ty))
-
-    # Pass 2: dlogits = softmax - onehot (times the soft-cap's derivative), in place; zero when ignored.
-    for i_v in range(0, V, BLOCK_V):
-        o_v = i_v + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z = tl.load(p_z + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BLOCK_V]
-        if HAS_SOFTCAP:
-            b_t = _tanh(b_z / softcap)
-            b_z = softcap * b_t
-        b_p = tl.exp(b_z - b_lse)
-        b_dz = tl.where(o_v == b_y, b_p - 1.0, b_p)
-        if HAS_SOFTCAP:
-            b_dz = b_dz * (1.0 - b_t * b_t)
-        b_dz = tl.where(b_valid, b_dz, 0.0)
-        tl.store(p_z + o_v, b_dz.to(z.dtype.element_ty), mask=m_v)
-
-
-def _ce_chunk_triton(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None) -> torch.Tensor:
-    """Per-token loss ``[C]`` of logits ``z [C, V]``; overwrites ``z`` with dloss/dlogits."""
-    rows, vocab = z.shape
-    loss = kernel_buffer((rows,), z.dtype, z.device)
-    block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
-    _ce_chunk_kernel[(rows,)](
-        z, labels, loss, z.stride(0), vocab, ignore_index, 1.0 if softcap is None else float(softcap),
-        HAS_SOFTCAP=softcap is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-    )  # fmt: skip
-    return loss
 
 
 # --- PyTorch per-chunk step -----------------------------------------------------------------------
 
 
 def _ce_chunk_torch(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None) -> torch.Tensor:
-    """Same contract as `_ce_chunk_triton`, in PyTorch ops that work in place on ``z``, so a chunk
+    """Same contract as `lsts.kernels.loss.triton.ce_chunk`, in PyTorch ops that work in place on ``z``, so a chunk
     costs one ``[C, V]`` buffer (two with ``softcap``: tanh is needed again for the chain rule)."""
     valid = labels != ignore_index
     y = torch.where(valid, labels, 0).unsqueeze(1)  # [C, 1]
@@ -195,14 +120,13 @@ def _chunked_loss_and_grads(
     """Summed loss and the unscaled gradients ``grad_hidden [N, d]``, ``grad_weight [V, d]`` (None
     where not needed), all in the accumulation dtype, ``chunk_size`` tokens at a time."""
     (n_rows, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
-    acc = _acc_dtype(hidden.dtype)
+    acc = _utils.acc_dtype(hidden.dtype)
     loss_sum = torch.zeros((), dtype=acc, device=device)
     grad_h = kernel_buffer((n_rows, d), acc, device) if need_h else None
     grad_w = None
     if need_w:  # the first chunk overwrites it; with no chunk at all it must already be zero
-        grad_w = (
-            torch.zeros((vocab, d), dtype=acc, device=device) if n_rows == 0 else kernel_buffer((vocab, d), acc, device)
-        )
+        empty = n_rows == 0
+        grad_w = torch.zeros((vocab, d), dtype=acc, device=device) if empty else kernel_buffer((vocab, d), acc, device)
     # One buffer for every chunk: on CPU a fresh [C, V] allocation per chunk costs page faults each time.
     buf = kernel_buffer((min(chunk_size, n_rows), vocab), acc, device)
     for start in range(0, n_rows, chunk_size):
@@ -249,7 +173,7 @@ def linear_cross_entropy_reference(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None
 ) -> torch.Tensor:
     """Summed cross-entropy of the full logits (``[N, V]``, accumulation dtype), with autograd."""
-    acc = _acc_dtype(hidden.dtype)
+    acc = _utils.acc_dtype(hidden.dtype)
     z = hidden.to(acc) @ weight.to(acc).T
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -330,7 +254,10 @@ def linear_cross_entropy(
             loss = loss / n_tokens.clamp(min=1).to(loss.dtype)
         return loss, n_tokens
     grad_on = torch.is_grad_enabled()
-    ce_chunk = _ce_chunk_triton if impl == "triton" else _ce_chunk_torch
+    if impl == "triton":  # triton is imported only when its kernel runs
+        from lsts.kernels.loss.triton import ce_chunk
+    else:
+        ce_chunk = _ce_chunk_torch
     return _LinearCrossEntropyFunction.apply(
         hidden2.contiguous(), weight, labels1.contiguous(), int(ignore_index), reduction == "mean", chunk_size,
         None if softcap is None else float(softcap), ce_chunk, grad_on and hidden.requires_grad,
