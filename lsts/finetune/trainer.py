@@ -24,8 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer
 
 from lsts.attention import AttentionContext
@@ -35,12 +33,12 @@ from lsts.finetune.config import FinetuneRunConfig
 from lsts.finetune.recipes import export_merged, load_extended, prepare, recipe
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.hf import attention_modules
+from lsts.parallel.data_parallel import apply_data_parallel
 from lsts.parallel.dims import ParallelDims
 from lsts.parallel.memory import tile_tokens
-from lsts.parallel.parallelize import check_supported
 from lsts.train import zero
 from lsts.train.data import IGNORE_INDEX
-from lsts.train.trainer import TorchUpdate, lr_lambda
+from lsts.train.engine import Update, build_update, check_engine
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +101,7 @@ def resolve_tokenizer(name: str, model: str) -> str:
 
 
 class FinetuneJob:
-    """The fine-tuning job for `lsts.train.trainer.train` (see `lsts.train.trainer.MASFormerJob`).
+    """The fine-tuning job (a `lsts.train.engine.Job`) for `lsts.train.trainer.train`.
     Checkpoints hold the trained parameters only: the frozen base is rebuilt from ``finetune.model``
     on resume (the source path is recorded and checked)."""
 
@@ -138,14 +136,12 @@ class FinetuneJob:
         """Every rank, before any collective."""
         cfg, c = self.cfg, self.hf_config
         dims.validate(world)
-        check_supported(dims, cfg.parallel.dp_engine)
+        check_engine(cfg, dims)
         if dims.tp > 1 or dims.pp > 1:
             raise ValueError(
                 f"parallel.tp = {dims.tp}, parallel.pp = {dims.pp}: fine-tuning runs data and context parallelism "
                 "(Hugging Face modules take no tensor or pipeline plan here); set tp=1 and pp=1"
             )
-        if cfg.parallel.dp_engine in zero.ZERO_STAGES:
-            zero.check_config(cfg)
         dims.check_model(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
         if cfg.parallel.layout in ("balanced", "auto"):  # the pretraining loader's per-pack layouts
             raise ValueError(
@@ -173,7 +169,7 @@ class FinetuneJob:
                 f"{cfg.finetune.model}: attention_dropout = {c.attention_dropout}; lsts attention has none, set it to 0"
             )
 
-    def build(self, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype):
+    def build(self, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype) -> tuple[Update, float]:
         """``(update, flops per token)``: the recipe's model on the mesh with its engine."""
         cfg = self.cfg
         self.model = model = self._recipe_model(device)
@@ -191,30 +187,10 @@ class FinetuneJob:
                 layer.compile()
         n_params = sum(p.numel() for p in model.parameters())
         flops_per_token = 6 * n_params  # attention's share is small at these widths; MFU is approximate
-        if cfg.parallel.dp_engine in zero.ZERO_STAGES:
-            update = zero.ZeroUpdate(
-                model,
-                cfg,
-                device,
-                dtype,
-                loss_fn=lambda m, *row: m(*row),
-                schedule=lr_lambda(cfg),
-                backward_calls=cfg.train.grad_accum * cfg.data.batch_size,
-                dp_cp_size=dims.dp * dims.cp,
-            )
-            return update, flops_per_token
-        engine = model
-        if dims.dp * dims.cp > 1 and cfg.parallel.dp_engine == "fsdp2":
-            shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-            policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-            for layer in model.causal_lm.get_decoder().layers:
-                fully_shard(layer, mesh=shard_mesh, mp_policy=policy)
-            fully_shard(model, mesh=shard_mesh, mp_policy=policy)
-        elif dims.dp * dims.cp > 1:
-            engine = DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
-        elif dtype != torch.float32:
-            model.to(dtype)
-        return TorchUpdate(engine, cfg, loss=engine), flops_per_token
+        engine = apply_data_parallel(
+            model, model.causal_lm.get_decoder().layers, dims, mesh, cfg.parallel.dp_engine, dtype
+        )
+        return build_update(cfg, engine, dims, device, dtype, loss_fn=lambda m, *row: m(*row)), flops_per_token
 
     def _recipe_model(self, device: torch.device) -> CausalLMLoss:
         cfg, f = self.cfg, self.cfg.finetune

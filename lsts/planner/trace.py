@@ -3,7 +3,7 @@ allocating it.
 
 `trace_step` builds the trainer's `MASFormer` under `torch._subclasses.FakeTensorMode` for one
 rank's shard (``seq_len / cp`` tokens, ``heads / tp``, the layers of a pipeline stage), applies the
-same memory passes as the trainer (`lsts.parallel.parallelize.parallelize`: feed-forward tiling,
+same memory passes as the trainer (`lsts.models.masformer_parallelize.parallelize`: feed-forward tiling,
 activation checkpointing, offload) and runs two training steps (forward, chunked loss, backward,
 AdamW; the second one with the optimizer state resident) under torch's
 `torch.distributed._tools.mem_tracker.MemTracker`, which counts every live tensor storage by kind
@@ -45,8 +45,8 @@ from lsts.attention import AttentionContext
 from lsts.config import Config
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
+from lsts.models.masformer_parallelize import parallelize
 from lsts.parallel.dims import ParallelDims
-from lsts.parallel.parallelize import parallelize
 from lsts.parallel.pipeline import split_stage
 
 ONE_RANK = ParallelDims(1, 1, 1, 1, 1, 1)

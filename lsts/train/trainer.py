@@ -4,9 +4,8 @@ data -> steps with a token-weighted loss, a non-finite guard, metrics and atomic
 Every rank validates the whole configuration against the world before the first collective, so a
 bad value is the same clear `ValueError` everywhere, never a hang.
 
-The optimizer step has two implementations with the same calls: `TorchUpdate` (AdamW and the
-schedule on the FSDP2, DDP or plain module; lsts clips and guards) and `lsts.train.zero.ZeroUpdate`
-(a DeepSpeed ZeRO engine, which backpropagates, clips and steps itself).
+What the loop trains is a `lsts.train.engine.Job` (a `MASFormerJob` by default), and it steps through
+the `lsts.train.engine.Update` the job builds (`lsts.train.engine.build_update`).
 """
 
 from __future__ import annotations
@@ -30,15 +29,17 @@ from lsts.config import Config, KernelsConfig
 from lsts.kernels.attention.documents import document_fields
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.masformer import MASFormer
+from lsts.models.masformer_parallelize import parallelize
 from lsts.parallel.agreement import RowInputs, StepAgreement
 from lsts.parallel.comm import init_process_group
+from lsts.parallel.data_parallel import gradient_scale
 from lsts.parallel.dims import ParallelDims
-from lsts.parallel.parallelize import check_supported, gradient_scale, parallelize
 from lsts.parallel.pipeline import PipelineRunner, check_pipeline, pipeline_loss, split_stage
 from lsts.parallel.sharding import LAYOUTS
 from lsts.train import zero
 from lsts.train.checkpoint import Checkpointer, checkpoint_contents, checkpoint_dir, latest_checkpoint, read_info
 from lsts.train.data import IGNORE_INDEX, build_data, row_layouts
+from lsts.train.engine import Job, Update, build_update, check_engine, lr_lambda
 from lsts.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,7 @@ def init_distributed(cfg: Config, device: torch.device) -> bool:
 def check_run(cfg: Config, dims: ParallelDims, world: int) -> None:
     """Everything about the world, the model and the sequence that can be wrong, before collectives."""
     dims.validate(world)
-    check_supported(dims, cfg.parallel.dp_engine)
-    if cfg.parallel.dp_engine in zero.ZERO_STAGES:
-        zero.check_config(cfg)
+    check_engine(cfg, dims)
     dims.check_model(cfg.model.n_heads, cfg.model.n_kv_heads)
     for layout in row_layouts(cfg.parallel.layout, auto_layouts(dims), cfg.data.doc_masking):
         dims.check_seq_len(cfg.data.seq_len, layout)
@@ -107,22 +106,7 @@ def auto_layouts(dims: ParallelDims) -> tuple[str, ...]:
     return ("zigzag", "balanced") if dims.cp_ring > 1 and dims.cp_ulysses == 1 else ("zigzag",)
 
 
-def lr_lambda(cfg: Config):
-    o, steps = cfg.optim, cfg.train.steps
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
-        decay = 1 - progress if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-        return (o.min_lr + (o.lr - o.min_lr) * decay) / o.lr
-
-    return factor
-
-
-def train(cfg: Config, job=None) -> dict:
+def train(cfg: Config, job: Job | None = None) -> dict:
     """Run the configured training (``job``, a `MASFormerJob` of ``cfg`` by default); returns the
     last step's metrics."""
     device, dtype = resolve_device(cfg)
@@ -135,12 +119,9 @@ def train(cfg: Config, job=None) -> dict:
 
 
 class MASFormerJob:
-    """What `train` trains by default: a `MASFormer` from ``cfg.model``, parallelized by
-    `lsts.parallel.parallelize.parallelize`. A job gives the loop four things: ``check`` (every
-    rank, before any collective), ``build`` (model, engine and optimizer step on the mesh),
-    ``before_step``, ``finish`` (after the last step), and for checkpoints ``checkpoint_extra``
-    (recorded in each marker) and ``check_resume`` (reads it back); `lsts.finetune.trainer.FinetuneJob`
-    is the other one."""
+    """What `train` trains by default (a `lsts.train.engine.Job`): a `MASFormer` from ``cfg.model``,
+    parallelized by `lsts.models.masformer_parallelize.parallelize`, with a pipeline schedule when
+    pp > 1; `lsts.finetune.trainer.FinetuneJob` is the other job."""
 
     save_frozen = True  # checkpoints hold every parameter (a fine-tuning job leaves its frozen base out)
     checkpoint_extra: dict = {}  # recorded in every checkpoint's marker  # noqa: RUF012 - read only
@@ -152,7 +133,7 @@ class MASFormerJob:
     def check(self, dims: ParallelDims, world: int) -> None:
         check_run(self.cfg, dims, world)
 
-    def build(self, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype):
+    def build(self, dims: ParallelDims, mesh, device: torch.device, dtype: torch.dtype) -> tuple[Update, float]:
         """``(update, flops per token)``."""
         cfg = self.cfg
         model = MASFormer(cfg.model, cfg.kernels).to(device)
@@ -166,7 +147,20 @@ class MASFormerJob:
             activation_offload=p.activation_offload, mlp_tile_tokens=p.mlp_tile_tokens,
             compile_blocks=cfg.train.compile,
         )  # fmt: skip
-        return _build_update(cfg, model, dims, mesh, device, dtype), flops_per_token
+        update = build_update(cfg, model, dims, device, dtype, functools.partial(lm_loss, cfg.kernels))
+        if dims.pp > 1:
+            pp_group = mesh["pp"].get_group()
+            loss_fn = pipeline_loss(
+                lambda: update.loss_scale,
+                reduction="sum",
+                chunk_size=cfg.kernels.loss_chunk_size,
+                backend=cfg.kernels.loss,
+            )
+            update.runner = PipelineRunner(
+                update.model, mesh["pp"].get_local_rank(), dims.pp, pp_group, device, cfg.data.batch_size, loss_fn
+            )
+            update.pp_group = pp_group
+        return update, flops_per_token
 
     def check_resume(self, extra: dict) -> None:
         pass
@@ -178,7 +172,7 @@ class MASFormerJob:
         pass
 
 
-def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job) -> dict:
+def _train(cfg: Config, device: torch.device, dtype: torch.dtype, job: Job) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
     job.check(dims, world)
@@ -347,35 +341,6 @@ def _non_finite(step: int, loss: float, grad_norm, out: str) -> NonFiniteError:
     )
 
 
-def _build_update(cfg: Config, model: torch.nn.Module, dims: ParallelDims, mesh, device, dtype: torch.dtype):
-    """The optimizer step of the configured engine: `TorchUpdate` (with a pipeline runner when
-    pp > 1) or a DeepSpeed `ZeroUpdate`."""
-    if cfg.parallel.dp_engine in zero.ZERO_STAGES:
-        return zero.ZeroUpdate(
-            model,
-            cfg,
-            device,
-            dtype,
-            loss_fn=functools.partial(lm_loss, cfg.kernels),
-            schedule=lr_lambda(cfg),
-            backward_calls=cfg.train.grad_accum * cfg.data.batch_size,
-            dp_cp_size=dims.dp * dims.cp,
-        )
-    if dims.dp * dims.cp == 1 and dtype != torch.float32:
-        model = model.to(dtype)
-    update = TorchUpdate(model, cfg)
-    if dims.pp > 1:
-        pp_group = mesh["pp"].get_group()
-        loss_fn = pipeline_loss(
-            lambda: update.loss_scale, reduction="sum", chunk_size=cfg.kernels.loss_chunk_size, backend=cfg.kernels.loss
-        )
-        update.runner = PipelineRunner(
-            model, mesh["pp"].get_local_rank(), dims.pp, pp_group, device, cfg.data.batch_size, loss_fn
-        )
-        update.pp_group = pp_group
-    return update
-
-
 def lm_loss(kernels: KernelsConfig, model: torch.nn.Module, tokens, positions, ctx, labels) -> torch.Tensor:
     """Summed next-token loss of one row: the hidden states through the chunked vocabulary
     projection, so that ``[tokens, vocab]`` logits never exist whole."""
@@ -390,39 +355,6 @@ def lm_loss(kernels: KernelsConfig, model: torch.nn.Module, tokens, positions, c
         backend=kernels.loss,
     )
     return loss
-
-
-class TorchUpdate:
-    """AdamW and the LambdaLR schedule on the FSDP2-, DDP-wrapped or plain module; the gradient is
-    clipped and checked here, before the optimizer steps."""
-
-    def __init__(self, model: torch.nn.Module, cfg: Config, loss=None) -> None:
-        o = cfg.optim
-        self.model, self.grad_clip = model, o.grad_clip
-        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen weights (LoRA) get no state
-        self.optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        # loss(tokens, positions, ctx, labels) -> summed loss of one row
-        self.loss = loss or functools.partial(lm_loss, cfg.kernels, model)
-        self.checkpoint_parts = (model, self.optimizer, self.scheduler)  # what the Checkpointer saves
-        self.runner: PipelineRunner | None = None  # pp > 1: the schedule runs forward and backward
-        self.pp_group = None
-        self.loss_scale = 1.0
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> tuple[float, float, bool]:
-        """Clip and update: ``(gradient norm, learning rate used, applied)``; a non-finite gradient
-        norm is not applied."""
-        grad_norm = _clip(self.model, self.grad_clip, self.pp_group)
-        lr = self.scheduler.get_last_lr()[0]
-        if not math.isfinite(grad_norm):
-            return grad_norm, lr, False
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return grad_norm, lr, True
 
 
 def _step(cfg, update, ctx, batches, dims, dp_cp_group, pp_group, device, agreement=None) -> tuple[float, int, float]:
@@ -494,23 +426,4 @@ def _row_inputs(cfg, ctx, batch, row: int) -> RowInputs:
     return RowInputs(tuple(batch.tokens[row : row + 1].shape), tuple(data.items()))
 
 
-def _clip(model, max_norm: float, pp_group=None) -> float:
-    """Global gradient norm over every parameter — plain, FSDP-sharded or tensor-parallel DTensor
-    alike (a DTensor's norm is reduced over its mesh), summed over the pipeline stages — then clip
-    in place to ``max_norm``."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    squares = []
-    for g in grads:
-        n = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))  # float64 stays
-        squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
-    if pp_group is not None:
-        dist.all_reduce(total, group=pp_group)
-    norm = total.sqrt()
-    if max_norm > 0 and norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / (norm + 1e-6))
-    return float(norm)
-
-
-__all__ = ["MASFormerJob", "NonFiniteError", "TorchUpdate", "train"]
+__all__ = ["MASFormerJob", "NonFiniteError", "train"]

@@ -2,11 +2,11 @@
 
 `ZeroUpdate` builds one ``deepspeed.initialize`` engine around the model and its loss, with a
 DeepSpeed config derived from lsts' `Config`: AdamW from ``optim.*``, the trainer's LambdaLR
-schedule (`lsts.train.trainer.lr_lambda`), ``gradient_clipping = optim.grad_clip``, bf16 when the
+schedule (`lsts.train.engine.lr_lambda`), ``gradient_clipping = optim.grad_clip``, bf16 when the
 run's dtype is bf16, one row per micro-batch and as many accumulation steps as the trainer makes
-backward calls per optimizer step (``train.grad_accum × data.batch_size``). It offers the trainer
-the same four calls as the plain PyTorch path (``loss``, ``backward``, ``step``, ``scheduler``) and
-is the checkpointer's `EngineState`. Sources: DeepSpeed's engine (``runtime/engine.py``) and ZeRO
+backward calls per optimizer step (``train.grad_accum × data.batch_size``). It is an
+`lsts.train.engine.Update` like the plain PyTorch path (built by `lsts.train.engine.build_update`)
+and the checkpointer's `EngineState`. Sources: DeepSpeed's engine (``runtime/engine.py``) and ZeRO
 optimizers (``runtime/zero/stage_1_and_2.py``, ``stage3.py``), read for version 0.19.
 
 Semantics kept exactly:
@@ -42,7 +42,7 @@ of the `Checkpointer`'s atomic step directory (which also holds the data loader 
 They do not reshard: a resume on another world size is refused, naming DeepSpeed's
 universal-checkpoint conversion, which lsts does not load yet.
 
-Limits: tp = pp = 1 (refused otherwise, in `lsts.parallel.parallelize.check_supported`); float16 is
+Limits: tp = pp = 1 (refused otherwise, in `lsts.parallel.data_parallel.check_supported`); float16 is
 refused (DeepSpeed's fp16 path is built around dynamic loss scaling, which lsts does not do); no
 optimizer or parameter offload.
 """
