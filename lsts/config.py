@@ -152,10 +152,6 @@ class ParallelConfig:
             )
         return replace(self, **{n: value for n in fill})
 
-    def dp_shard_for(self, world_size: int) -> int:
-        """``dp_shard`` for ``world_size`` ranks (see `resolved`)."""
-        return self.resolved(world_size).dp_shard
-
 
 @dataclass
 class KernelsConfig:
@@ -179,7 +175,6 @@ class DataConfig:
     batch_size: int = _f(1, "sequences per micro-batch per data-parallel rank")
     doc_masking: bool = _f(True, "attention stays inside documents (else only position ids restart)")
     seed: int = _f(0, "seed of the data order")
-    num_workers: int = _f(0, "DataLoader worker processes")
 
 
 @dataclass
@@ -391,7 +386,7 @@ class Sections:
             )
         errors += _at_least("parallel", p, 0, "mlp_tile_tokens")
         errors += _positive("parallel", p, "timeout_s") + _positive("kernels", self.kernels, "loss_chunk_size")
-        errors += _at_least("data", d, 1, "seq_len", "batch_size") + _at_least("data", d, 0, "seed", "num_workers")
+        errors += _at_least("data", d, 1, "seq_len", "batch_size") + _at_least("data", d, 0, "seed")
         errors += _positive("optim", o, "lr", "eps") + _at_least("optim", o, 0, "min_lr", "weight_decay")
         errors += _at_least("optim", o, 0, "warmup_steps", "grad_clip")
         if not all(0 <= b < 1 for b in o.betas):

@@ -37,7 +37,7 @@ def test_shipped_layouts():
     m = llama.model
     assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_hidden, m.vocab_size) == (4096, 32, 32, 8, 14336, 128256)
     assert llama.data.seq_len == 131072 and llama.parallel.cp == 8
-    assert llama.parallel.dp_shard_for(8) == 1
+    assert llama.parallel.resolved(8).dp_shard == 1
     mas = Config.from_yaml(next(p for p in CONFIGS if p.name.startswith("masformer")))
     assert mas.model.full_layer_ids() == [5, 11, 17, 23] and mas.data.seq_len == 8192
 
@@ -247,15 +247,15 @@ def test_model_helpers():
 
 def test_parallel_helpers():
     p = ParallelConfig(dp_replicate=2, dp_shard=-1, tp=2, cp_ring=2, cp_ulysses=2)
-    assert p.cp == 4 and p.dp_shard_for(32) == 2
+    assert p.cp == 4 and p.resolved(32).dp_shard == 2
     demo = ParallelConfig()  # the demo: the sequence is sharded over every rank
     assert demo.resolved(4).cp_ring == 4 and demo.resolved(4).dp_shard == 1
     with pytest.raises(ValueError, match="only one degree can fill"):
         load_config(["--parallel.dp_shard=-1"])
     with pytest.raises(ValueError, match=r"16 ranks do not fit a world of 12: the degrees parallel.dp_replicate=2 × "):
-        p.dp_shard_for(12)
+        p.resolved(12)
     with pytest.raises(ValueError, match="3 ranks do not fit a world of 32"):
-        ParallelConfig(dp_shard=3, cp_ring=1).dp_shard_for(32)
+        ParallelConfig(dp_shard=3, cp_ring=1).resolved(32)
     with pytest.raises(ValueError, match=r"multiply to 2 ranks, not the world of 4; set parallel\.dp_shard or"):
         ParallelConfig(tp=2, cp_ring=1).resolved(4)
 
