@@ -269,13 +269,20 @@ def test_a_launcher_checks_the_degrees_against_its_world():
     assert load_config(["--parallel.tp=2"], world_size=2).parallel.tp == 2
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe", "balanced"])
-def test_seq_len_divisor_matches_sharding(layout):
-    from lsts.parallel import sharding
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe", "balanced", "auto"])
+def test_seq_len_divisor_is_the_shortest_unit_every_layout_of_the_config_shards(layout):
+    from lsts.parallel.sharding import check_seq_len
+    from lsts.train.data import AUTO_LAYOUTS
 
     for ring, uly in [(1, 1), (3, 1), (2, 4)]:
         p = ParallelConfig(cp_ring=ring, cp_ulysses=uly, layout=layout)
-        assert p.seq_len_divisor == sharding.seq_len_divisor(layout, ring * uly)
+        div, names = p.seq_len_divisor, AUTO_LAYOUTS if layout == "auto" else (layout,)
+        for name in names:  # "auto" may pick any of them, row by row
+            check_seq_len(3 * div, name, p.cp)
+        for shorter in range(1, div):
+            with pytest.raises(ValueError, match="cannot be split"):
+                for name in names:
+                    check_seq_len(shorter, name, p.cp)
 
 
 def test_backend_choices_match_kernels():

@@ -12,7 +12,7 @@ from lsts.kernels.attention.sinks import softcap_code
 from lsts.kernels.attention.spans import SPAN_KINDS
 from lsts.parallel.agreement import check_call
 from lsts.parallel.comm import decode_dtype, encode_dtype
-from lsts.parallel.sharding import LAYOUTS, check_seq_len
+from lsts.parallel.sharding import LAYOUTS, check_layout, check_seq_len
 
 
 def group_world(group) -> int:
@@ -35,8 +35,7 @@ def attention_setup(
     error = None
     try:
         check_qkv(q, k, v)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
+        check_layout(layout)
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"q and k/v shards must have the same length; got {q.shape[1]} and {k.shape[1]}")
         check_seq_len(q.shape[1] * world, layout, world)
