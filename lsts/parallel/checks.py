@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Span, check_qkv, check_softcap_sinks, default_scale, resolve_backend
+from lsts.kernels.attention import check_qkv, check_softcap_sinks, default_scale, resolve_backend
 from lsts.kernels.attention.sinks import softcap_code
 from lsts.kernels.attention.spans import SPAN_KINDS
 from lsts.parallel.agreement import check_call
@@ -22,15 +22,14 @@ def group_world(group) -> int:
 
 
 def attention_setup(
-    q, k, v, group, layout, causal, softmax_scale, backend, extra_check=None, extra_fields=None, softcap=0.0,
+    q, k, v, group, layout, span, softmax_scale, backend, extra_check=None, extra_fields=None, softcap=0.0,
     sinks=None,
 ):  # fmt: skip
     """Validate one sequence-parallel attention call on every rank of ``group``; returns the
-    resolved ``(softmax_scale, backend)``. ``causal`` is a bool or a `Span`; ``extra_check(world)``
+    resolved ``(softmax_scale, backend)``. ``span`` is the call's `Span`; ``extra_check(world)``
     adds method-specific rules and ``extra_fields`` (name -> int) more values every rank must share.
     ``softcap`` and the presence of ``sinks`` must agree too (the sink values are a replicated
     parameter's, not compared)."""
-    span = causal if isinstance(causal, Span) else (CAUSAL if causal else FULL)
     world = group_world(group)
     error = None
     try:
