@@ -56,10 +56,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lsts.kernels.loss import IGNORE_INDEX
 from lsts.parallel.balance import work_per_rank
 from lsts.parallel.sharding import DOCUMENT_LAYOUTS, check_seq_len, layout_indices
 
-IGNORE_INDEX = -100  # the ignore_index of torch.nn.functional.cross_entropy
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")  # a .json file is read when named itself
 AUTO_LAYOUTS = ("zigzag", "balanced")  # what layout "auto" chooses from by default, preferred first
