@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lsts.kernels.attention import CAUSAL
 from lsts.parallel import layout_indices, ring_attention, rsa_attention, shard_sequence, ulysses_attention
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -142,7 +143,7 @@ def build_attention(contender: str) -> AttnFn:
     if contender == "ulysses-zigzag":
         return partial(ulysses_attention, group=None, causal=True, layout="zigzag")
     if contender == "rsa":
-        return partial(rsa_attention, group=None, causal=True)
+        return partial(rsa_attention, group=None, span=CAUSAL)
     if contender == "deepspeed-ulysses":
         return _deepspeed_attention()
     raise ValueError(f"unknown contender {contender!r}")

@@ -31,13 +31,14 @@ def run(name: str, fn, layout: str, full: list, want: list) -> None:
     import torch
     import torch.distributed as dist
 
+    from lsts.kernels.attention import CAUSAL
     from lsts.parallel import gather_sequence, shard_sequence
 
     q, k, v, dout = (shard_sequence(x, layout=layout) for x in full)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dist.barrier()
     start = time.perf_counter()
-    out = fn(q, k, v, causal=True, layout=layout)
+    out = fn(q, k, v, span=CAUSAL, layout=layout)
     out.backward(dout)
     seconds = torch.tensor(time.perf_counter() - start)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)

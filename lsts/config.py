@@ -91,8 +91,47 @@ class ModelConfig:
         full = set(self.full_layer_ids())
         return [("causal", 0) if i in full else (self.span, self.span_size) for i in range(self.n_layers)]
 
+    def size_errors(self) -> list[str]:
+        """Sizes out of range, each with its fix; `relation_errors` divides by them, so check these first."""
+        errors = _at_least("model", self, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
+        errors += _at_least("model", self, 0, "ffn_dim", "n_full", "span_size")
+        return errors + _positive("model", self, "rope_base", "rope_scaling", "norm_eps", "init_std")
+
+    def relation_errors(self) -> list[str]:
+        """Fields that do not fit each other (for sizes `size_errors` accepts), each with its fix."""
+        errors = []
+        if self.n_heads % self.n_kv_heads:
+            ok = [k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]
+            bad = f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
+            errors.append(f"{bad}: set n_kv_heads to one of {ok}")
+        if self.dim % self.n_heads or self.head_dim % 2:
+            errors.append(
+                f"model.dim ({self.dim}) must be n_heads ({self.n_heads}) × an even head dim (RoPE rotates pairs)"
+            )
+        if self.full_layers != "all" and self.n_full > self.n_layers:
+            errors.append(f"model.n_full ({self.n_full}) exceeds model.n_layers ({self.n_layers})")
+        elif len(self.full_layer_ids()) < self.n_layers and self.span_size < 1:
+            errors.append(f"model.span_size must be >= 1 for the {self.span} layers; set e.g. --model.span_size=1024")
+        return errors
+
 
 DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp_ring", "cp_ulysses")
+
+# The sequence layouts, the one list of them (`lsts.parallel.sharding` implements each; here, torch-free,
+# for the config's choices). Layouts that depend on the pack's documents need ``cu_seqlens`` wherever named.
+LAYOUTS = ("zigzag", "contiguous", "stripe", "balanced")  # the default first
+DOCUMENT_LAYOUTS = ("balanced",)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def seq_len_divisor(layout: str, world: int) -> int:
+    """The global sequence length must be a multiple of this for ``layout`` on ``world`` ranks."""
+    check_layout(layout)
+    return 2 * world if layout == "zigzag" else world
 
 
 @dataclass
@@ -105,7 +144,7 @@ class ParallelConfig:
     pp: int = _f(1, "pipeline-parallel stages")
     cp_ring: int = _f(-1, "context parallelism: ring attention degree; -1 = whatever the other degrees leave")
     cp_ulysses: int = _f(1, "context parallelism: Ulysses (all-to-all over heads) degree")
-    layout: Literal["zigzag", "contiguous", "stripe", "balanced", "auto"] = _f(
+    layout: Literal[(*LAYOUTS, "auto")] = _f(
         "zigzag",
         "how the sequence is cut across cp ranks; balanced: by each pack's documents, equal work under doc masking; "
         "auto: per row, zigzag or (ring only, doc masking) balanced, whichever loads the busiest rank least",
@@ -127,9 +166,8 @@ class ParallelConfig:
 
     @property
     def seq_len_divisor(self) -> int:
-        """Global sequence lengths must be multiples of this (same rule as
-        `lsts.parallel.sharding.seq_len_divisor`; a test keeps the two equal)."""
-        return 2 * self.cp if self.layout in ("zigzag", "auto") else self.cp  # auto may take zigzag
+        """Global sequence lengths must be multiples of this (`seq_len_divisor` of the layout)."""
+        return seq_len_divisor("zigzag" if self.layout == "auto" else self.layout, self.cp)  # auto may take zigzag
 
     def resolved(self, world_size: int) -> ParallelConfig:
         """A copy with the one degree set to -1 (``dp_shard`` or ``cp_ring``) filled in for
@@ -151,10 +189,6 @@ class ParallelConfig:
                 "parallel.dp_shard or parallel.cp_ring to -1 to fill it, or launch fewer ranks"
             )
         return replace(self, **{n: value for n in fill})
-
-    def dp_shard_for(self, world_size: int) -> int:
-        """``dp_shard`` for ``world_size`` ranks (see `resolved`)."""
-        return self.resolved(world_size).dp_shard
 
 
 @dataclass
@@ -179,7 +213,6 @@ class DataConfig:
     batch_size: int = _f(1, "sequences per micro-batch per data-parallel rank")
     doc_masking: bool = _f(True, "attention stays inside documents (else only position ids restart)")
     seed: int = _f(0, "seed of the data order")
-    num_workers: int = _f(0, "DataLoader worker processes")
 
 
 @dataclass
@@ -391,7 +424,7 @@ class Sections:
             )
         errors += _at_least("parallel", p, 0, "mlp_tile_tokens")
         errors += _positive("parallel", p, "timeout_s") + _positive("kernels", self.kernels, "loss_chunk_size")
-        errors += _at_least("data", d, 1, "seq_len", "batch_size") + _at_least("data", d, 0, "seed", "num_workers")
+        errors += _at_least("data", d, 1, "seq_len", "batch_size") + _at_least("data", d, 0, "seed")
         errors += _positive("optim", o, "lr", "eps") + _at_least("optim", o, 0, "min_lr", "weight_decay")
         errors += _at_least("optim", o, 0, "warmup_steps", "grad_clip")
         if not all(0 <= b < 1 for b in o.betas):
@@ -443,32 +476,18 @@ class Config(Sections):
 
     def validate(self, world_size: int | None = None) -> None:
         """`InvalidConfig` listing every bad value and its fix (see `Sections.validate`)."""
-        m = self.model
-        errors = _at_least("model", m, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
-        errors += _at_least("model", m, 0, "ffn_dim", "n_full", "span_size")
-        errors += _positive("model", m, "rope_base", "rope_scaling", "norm_eps", "init_std")
-        errors += self.common_errors()
+        errors = self.model.size_errors() + self.common_errors()
         if not errors:  # the relations would divide by zero on the values rejected above
-            errors = self._model_relations()
+            errors = self.model.relation_errors() + self._parallel_relations()
         # First: the root cause when the degrees misfit the model too.
         errors = self.world_errors(world_size) + errors
         if errors:
             raise InvalidConfig(errors)
 
-    def _model_relations(self) -> list[str]:
+    def _parallel_relations(self) -> list[str]:
         """Checks between the model's fields and the parallel degrees."""
         m, p = self.model, self.parallel
         errors = []
-        if m.n_heads % m.n_kv_heads:
-            ok = [k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]
-            bad = f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})"
-            errors.append(f"{bad}: set n_kv_heads to one of {ok}")
-        if m.dim % m.n_heads or m.head_dim % 2:
-            errors.append(f"model.dim ({m.dim}) must be n_heads ({m.n_heads}) × an even head dim (RoPE rotates pairs)")
-        if m.full_layers != "all" and m.n_full > m.n_layers:
-            errors.append(f"model.n_full ({m.n_full}) exceeds model.n_layers ({m.n_layers})")
-        elif len(m.full_layer_ids()) < m.n_layers and m.span_size < 1:
-            errors.append(f"model.span_size must be >= 1 for the {m.span} layers; set e.g. --model.span_size=1024")
         if m.n_heads % p.tp or m.n_heads < p.tp * p.cp_ulysses:  # Ulysses splits unevenly, tp evenly
             errors.append(
                 f"model.n_heads ({m.n_heads}) must be divisible by parallel.tp and give each of the "

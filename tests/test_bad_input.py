@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lsts.kernels.attention import Span
 from lsts.parallel import hybrid_attention, ring_attention, rsa_attention, shard_sequence, ulysses_attention
 from tests.distributed import errors_on_all_ranks
 
@@ -58,6 +59,10 @@ def _rsa_length_differs(rank, world):
     rsa_attention(*_qkv(s=7 if rank == 0 else 5))
 
 
+def _rsa_window_on_one_rank(rank, world):
+    rsa_attention(*_qkv(), span=Span("window", 3) if rank else Span("causal"))
+
+
 CASES = [
     pytest.param(_zigzag_odd_length, 2, ["must be a multiple of 4"] * 2, id="zigzag-length-not-multiple-of-2P"),
     pytest.param(
@@ -96,6 +101,12 @@ CASES = [
     ),
     pytest.param(_unknown_layout, 2, ["unknown sequence layout 'spiral'"] * 2, id="unknown-layout"),
     pytest.param(_rsa_length_differs, 2, ["local sequence length must be the same"] * 2, id="rsa-length-differs"),
+    pytest.param(
+        _rsa_window_on_one_rank,
+        2,
+        ["invalid attention inputs on rank(s) [1]", "rsa_attention computes the causal and full spans only"],
+        id="rsa-window-span",
+    ),
 ]
 
 

@@ -37,7 +37,7 @@ def test_shipped_layouts():
     m = llama.model
     assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_hidden, m.vocab_size) == (4096, 32, 32, 8, 14336, 128256)
     assert llama.data.seq_len == 131072 and llama.parallel.cp == 8
-    assert llama.parallel.dp_shard_for(8) == 1
+    assert llama.parallel.resolved(8).dp_shard == 1
     mas = Config.from_yaml(next(p for p in CONFIGS if p.name.startswith("masformer")))
     assert mas.model.full_layer_ids() == [5, 11, 17, 23] and mas.data.seq_len == 8192
 
@@ -247,15 +247,15 @@ def test_model_helpers():
 
 def test_parallel_helpers():
     p = ParallelConfig(dp_replicate=2, dp_shard=-1, tp=2, cp_ring=2, cp_ulysses=2)
-    assert p.cp == 4 and p.dp_shard_for(32) == 2
+    assert p.cp == 4 and p.resolved(32).dp_shard == 2
     demo = ParallelConfig()  # the demo: the sequence is sharded over every rank
     assert demo.resolved(4).cp_ring == 4 and demo.resolved(4).dp_shard == 1
     with pytest.raises(ValueError, match="only one degree can fill"):
         load_config(["--parallel.dp_shard=-1"])
     with pytest.raises(ValueError, match=r"16 ranks do not fit a world of 12: the degrees parallel.dp_replicate=2 × "):
-        p.dp_shard_for(12)
+        p.resolved(12)
     with pytest.raises(ValueError, match="3 ranks do not fit a world of 32"):
-        ParallelConfig(dp_shard=3, cp_ring=1).dp_shard_for(32)
+        ParallelConfig(dp_shard=3, cp_ring=1).resolved(32)
     with pytest.raises(ValueError, match=r"multiply to 2 ranks, not the world of 4; set parallel\.dp_shard or"):
         ParallelConfig(tp=2, cp_ring=1).resolved(4)
 
@@ -269,13 +269,20 @@ def test_a_launcher_checks_the_degrees_against_its_world():
     assert load_config(["--parallel.tp=2"], world_size=2).parallel.tp == 2
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe", "balanced"])
-def test_seq_len_divisor_matches_sharding(layout):
-    from lsts.parallel import sharding
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe", "balanced", "auto"])
+def test_seq_len_divisor_is_the_shortest_unit_every_layout_of_the_config_shards(layout):
+    from lsts.parallel.sharding import check_seq_len
+    from lsts.train.data import AUTO_LAYOUTS
 
     for ring, uly in [(1, 1), (3, 1), (2, 4)]:
         p = ParallelConfig(cp_ring=ring, cp_ulysses=uly, layout=layout)
-        assert p.seq_len_divisor == sharding.seq_len_divisor(layout, ring * uly)
+        div, names = p.seq_len_divisor, AUTO_LAYOUTS if layout == "auto" else (layout,)
+        for name in names:  # "auto" may pick any of them, row by row
+            check_seq_len(3 * div, name, p.cp)
+        for shorter in range(1, div):
+            with pytest.raises(ValueError, match="cannot be split"):
+                for name in names:
+                    check_seq_len(shorter, name, p.cp)
 
 
 def test_backend_choices_match_kernels():

@@ -19,6 +19,7 @@ from lsts.train.data import (
     build_data,
     load_corpus,
     load_texts,
+    load_tokenizer,
     stdlib_files,
 )
 
@@ -268,12 +269,13 @@ def test_transformers_tokenizer_built_offline(tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in words))
     cfg = DataConfig(dataset=str(tmp_path / "docs.jsonl"), tokenizer=str(tmp_path / "tok"), seq_len=4)
     loader = build_data(cfg, dp_rank=0, dp_world=1, cp_rank=0, cp_world=1, layout="zigzag", vocab_size=256)
-    eos = loader.tokenizer.eos_id
-    assert loader.tokenizer.vocab_size == raw.get_vocab_size()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    eos = tokenizer.eos_id
+    assert tokenizer.vocab_size == raw.get_vocab_size()
     assert loader.corpus.n_docs == 4 and loader.corpus.n_tokens == 3 + 3 + 3 + 2 + 4  # words + one EOS each
     for d in range(4):
         assert loader.corpus.document(d)[-1] == eos
-    assert loader.tokenizer.decode(loader.corpus.document(0)[:-1]) == "the cat sat"
+    assert tokenizer.decode(loader.corpus.document(0)[:-1]) == "the cat sat"
     with pytest.raises(ValueError, match=r"model.vocab_size >= \d+"):
         build_data(cfg, dp_rank=0, dp_world=1, cp_rank=0, cp_world=1, layout="zigzag", vocab_size=4)
 
@@ -295,7 +297,6 @@ def _build(tmp_path, ranks, **overrides):
         ({"seq_len": 12, "ranks": {"cp_world": 4, "cp_rank": 1}}, "sequence length 12 .* multiple of 8"),
         ({"tokenizer": "/no/such/tokenizer"}, "'/no/such/tokenizer': no such directory.*'byte'"),
         ({"tokenizer": "empty_dir"}, "'.*empty_dir' could not be loaded"),
-        ({"num_workers": 2}, r"data.num_workers \(2\)"),
         ({"seq_len": 4096}, "too few for one batch"),
         ({"ranks": {"cp_world": 2, "layout": "stripe"}}, "doc_masking needs parallel.layout"),
     ],

@@ -355,7 +355,7 @@ def test_num_params_and_flops_per_token():
         ({"dim": 12, "n_heads": 4}, r"even head dim"),  # head_dim 3: RoPE needs pairs
         ({"full_layers": "top", "n_full": 4}, r"n_full \(4\)"),
         ({"n_kv_heads": 0}, r"n_kv_heads \(0\) must be >= 1"),
-        ({"full_layers": "top", "span_size": 0}, r"positive size"),
+        ({"full_layers": "top", "span_size": 0}, r"span_size must be >= 1 for the window layers"),
     ],
     ids=["kv-heads-do-not-divide", "dim-not-divisible", "odd-head-dim", "too-many-full", "zero-kv", "zero-window"],
 )

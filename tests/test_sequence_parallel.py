@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from lsts.kernels.attention import Span
 from lsts.parallel import (
     RingComm,
     gather_sequence,
@@ -50,8 +51,15 @@ def _run_case(fn, layout, causal, hkv, dtype, world, group=None):
     return {name: rel_err(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
 
 
+def _with_span(fn, **fixed):
+    """``fn``, an internal entry point (rsa, hybrid: they take a span, not FlashAttention's flag),
+    called as the cases call the public ring and Ulysses functions: with ``causal=``."""
+    return lambda q, k, v, causal, **kw: fn(q, k, v, span=Span("causal") if causal else Span("full"), **fixed, **kw)
+
+
 def _methods(world, mesh_groups):
-    """name -> (attention fn taking (q, k, v, causal, layout), layouts it supports)."""
+    """name -> (attention fn taking (q, k, v, causal, layout), layouts it supports): the public ring
+    and Ulysses functions take ``causal=`` as documented, the others a span."""
     methods = {
         "ring": (
             lambda q, k, v, **kw: ring_attention(q, k, v, return_lse=True, **kw),
@@ -61,12 +69,15 @@ def _methods(world, mesh_groups):
             lambda q, k, v, **kw: ulysses_attention(q, k, v, return_lse=True, **kw),
             ("contiguous", "zigzag", "stripe"),
         ),
-        "rsa": (lambda q, k, v, layout, **kw: rsa_attention(q, k, v, return_lse=True, **kw), ("contiguous",)),
+        "rsa": (
+            _with_span(lambda q, k, v, layout, **kw: rsa_attention(q, k, v, return_lse=True, **kw)),
+            ("contiguous",),
+        ),
     }
     for name, (ring_group, uly_group, mesh) in mesh_groups.items():
         kw = {"mesh": mesh} if mesh is not None else {"ring_group": ring_group, "ulysses_group": uly_group}
         methods[name] = (
-            lambda q, k, v, _kw=kw, **a: hybrid_attention(q, k, v, return_lse=True, **_kw, **a),
+            _with_span(hybrid_attention, return_lse=True, **kw),
             ("contiguous", "zigzag"),
         )
     return methods
@@ -162,7 +173,7 @@ def _low_precision_and_large(rank, world, dtype, n, heads, head_dim):
     methods = {f"ring-{layout}": (ring_attention, layout) for layout in ("zigzag", "contiguous", "stripe")}
     methods["ulysses"] = (ulysses_attention, "zigzag")
     if mesh is not None:
-        methods["hybrid"] = (lambda *a, **kw: hybrid_attention(*a, mesh=mesh, **kw), "zigzag")
+        methods["hybrid"] = (_with_span(hybrid_attention, mesh=mesh), "zigzag")
     errors = {}
     for name, (fn, layout) in methods.items():
         local = [shard_sequence(x.to(dtype), layout=layout).requires_grad_() for x in (q, k, v)]

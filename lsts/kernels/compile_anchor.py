@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lsts.kernels.attention.triton import LOG2E
+
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 64, 8, 3
 
 
@@ -54,7 +56,7 @@ def _anchor_fwd_kernel(
         b_acc, b_m, b_l = _anchor_block(
             b_acc, b_m, b_l, b_q, K + base, V + base, offs_m, offs_n, offs_d, start, stride_s, qk_scale, True
         )
-    tl.store(LSE + i_bh.to(tl.int64) * S + offs_m, (b_m + tl.log2(b_l)) * 0.6931471805599453)
+    tl.store(LSE + i_bh.to(tl.int64) * S + offs_m, (b_m + tl.log2(b_l)) / LOG2E)
     tl.store(O + base + offs_m[:, None] * stride_s + offs_d[None, :], (b_acc / b_l[:, None]).to(O.dtype.element_ty))
 
 
@@ -64,7 +66,7 @@ def anchor_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale:
     out = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     _anchor_fwd_kernel[(s // BLOCK_M, b * h)](
-        q, k, v, out, lse, s * d, d, s, softmax_scale * 1.4426950408889634,
+        q, k, v, out, lse, s * d, d, s, softmax_scale * LOG2E.value,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=d, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out, lse

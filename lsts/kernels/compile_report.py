@@ -147,11 +147,12 @@ def _anchor(d: int) -> None:
 
 
 def _loss(vocab: int, softcap: float | None) -> None:
+    from lsts.kernels.loss import IGNORE_INDEX
     from lsts.kernels.loss import triton as loss
 
     # The logits chunk is float32 whatever the activations' dtype (the accumulation dtype).
     z = _cuda(2048, vocab, dtype=torch.float32)
-    loss.ce_chunk(z, _cuda(2048, dtype=torch.int64), -100, softcap)
+    loss.ce_chunk(z, _cuda(2048, dtype=torch.int64), IGNORE_INDEX, softcap)
 
 
 def _norm(dim: int, dtype: torch.dtype) -> None:

@@ -33,34 +33,17 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lsts.attention import LOCAL, AttentionContext, attention
-from lsts.config import KernelsConfig, ModelConfig
+from lsts.config import InvalidConfig, KernelsConfig, ModelConfig
 from lsts.kernels.attention import Span
 from lsts.kernels.norm import RMSNorm
 from lsts.kernels.rope import apply_rope
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """ValueError for the sizes this module relies on (the same rules as `Config.validate`, for a
-    ModelConfig built by hand)."""
-    errors = [f"model.{n} ({getattr(cfg, n)}) must be >= 1" for n in _SIZES if getattr(cfg, n) < 1]
-    if not errors:  # the divisions below need positive sizes
-        if cfg.n_heads % cfg.n_kv_heads:
-            ok = [k for k in range(1, cfg.n_heads + 1) if cfg.n_heads % k == 0]
-            errors.append(
-                f"model.n_heads ({cfg.n_heads}) must be divisible by model.n_kv_heads ({cfg.n_kv_heads}) "
-                f"for GQA: set n_kv_heads to one of {ok}"
-            )
-        if cfg.dim % cfg.n_heads or cfg.head_dim % 2:
-            errors.append(
-                f"model.dim ({cfg.dim}) must be n_heads ({cfg.n_heads}) × an even head dim (RoPE rotates pairs)"
-            )
-        if cfg.full_layers != "all" and not 0 <= cfg.n_full <= cfg.n_layers:
-            errors.append(f"model.n_full ({cfg.n_full}) must be in [0, n_layers = {cfg.n_layers}]")
+    """`InvalidConfig` for the model rules of `Config.validate`, for a ModelConfig built by hand."""
+    errors = cfg.size_errors() or cfg.relation_errors()
     if errors:
-        raise ValueError("invalid model configuration:\n  - " + "\n  - ".join(errors))
-
-
-_SIZES = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads")
+        raise InvalidConfig(errors)
 
 
 class Attention(nn.Module):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Span, check_qkv, check_softcap_sinks, default_scale, resolve_backend
+from lsts.kernels.attention import check_qkv, check_softcap_sinks, default_scale, resolve_backend
 from lsts.kernels.attention.sinks import softcap_code
 from lsts.kernels.attention.spans import SPAN_KINDS
 from lsts.parallel.agreement import check_call
 from lsts.parallel.comm import decode_dtype, encode_dtype
-from lsts.parallel.sharding import LAYOUTS, check_seq_len
+from lsts.parallel.sharding import LAYOUTS, check_layout, check_seq_len
 
 
 def group_world(group) -> int:
@@ -22,21 +22,19 @@ def group_world(group) -> int:
 
 
 def attention_setup(
-    q, k, v, group, layout, causal, softmax_scale, backend, extra_check=None, extra_fields=None, softcap=0.0,
+    q, k, v, group, layout, span, softmax_scale, backend, extra_check=None, extra_fields=None, softcap=0.0,
     sinks=None,
 ):  # fmt: skip
     """Validate one sequence-parallel attention call on every rank of ``group``; returns the
-    resolved ``(softmax_scale, backend)``. ``causal`` is a bool or a `Span`; ``extra_check(world)``
+    resolved ``(softmax_scale, backend)``. ``span`` is the call's `Span`; ``extra_check(world)``
     adds method-specific rules and ``extra_fields`` (name -> int) more values every rank must share.
     ``softcap`` and the presence of ``sinks`` must agree too (the sink values are a replicated
     parameter's, not compared)."""
-    span = causal if isinstance(causal, Span) else (CAUSAL if causal else FULL)
     world = group_world(group)
     error = None
     try:
         check_qkv(q, k, v)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
+        check_layout(layout)
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"q and k/v shards must have the same length; got {q.shape[1]} and {k.shape[1]}")
         check_seq_len(q.shape[1] * world, layout, world)

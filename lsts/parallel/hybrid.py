@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attend_rows, document_rows
+from lsts.kernels.attention import CAUSAL, Documents, Span, as_documents, attend_rows, document_rows
 from lsts.kernels.attention.documents import document_fields
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.ring import ring_attention
@@ -66,13 +66,12 @@ def hybrid_attention(
     v: torch.Tensor,
     ring_group: dist.ProcessGroup | None = None,
     ulysses_group: dist.ProcessGroup | None = None,
-    causal: bool = True,
     layout: str = "zigzag",
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
     mesh=None,
-    span: Span | None = None,
+    span: Span = CAUSAL,
     cu_seqlens: torch.Tensor | list[int] | Documents | None = None,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
@@ -88,10 +87,9 @@ def hybrid_attention(
     (`check_mesh_order`), or a ValueError says so."""
     rows = document_rows(cu_seqlens, q.shape[0])
     if rows is not None:  # each row its own documents
-        kw = dict(ring_group=ring_group, ulysses_group=ulysses_group, mesh=mesh, causal=causal, layout=layout)
+        kw = dict(ring_group=ring_group, ulysses_group=ulysses_group, mesh=mesh, layout=layout)
         kw.update(softmax_scale=softmax_scale, backend=backend, span=span, softcap=softcap, sinks=sinks)
         return attend_rows(hybrid_attention, rows, q, k, v, with_lse=return_lse, return_lse=True, **kw)
-    span = span if span is not None else (CAUSAL if causal else FULL)
     if mesh is not None:
         if mesh.ndim != 2:
             raise ValueError(f"hybrid attention needs a 2-D mesh (ring, ulysses), got {mesh.ndim} axes")

@@ -20,8 +20,6 @@ import torch
 import torch.distributed as dist
 
 from lsts.kernels.attention import (
-    CAUSAL,
-    FULL,
     Documents,
     Span,
     as_documents,
@@ -29,6 +27,7 @@ from lsts.kernels.attention import (
     attention_bwd,
     attention_fwd,
     document_rows,
+    span_of,
 )
 from lsts.kernels.attention.documents import document_fields
 from lsts.kernels.attention.merge import merge_into
@@ -184,12 +183,12 @@ def ring_attention(
     over the group as for any replicated parameter, which data-parallel engines over the
     sequence-parallel ranks do).
     """
+    span = span_of(causal, span)
     rows = document_rows(cu_seqlens, q.shape[0])
     if rows is not None:  # each row its own documents
-        kw = dict(group=group, causal=causal, layout=layout, softmax_scale=softmax_scale, backend=backend, span=span)
+        kw = dict(group=group, layout=layout, softmax_scale=softmax_scale, backend=backend, span=span)
         kw.update(softcap=softcap, sinks=sinks)
         return attend_rows(ring_attention, rows, q, k, v, with_lse=return_lse, return_lse=True, **kw)
-    span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 
     docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)  # (a bad one raises before any collective)

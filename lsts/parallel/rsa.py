@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lsts.kernels.attention import CAUSAL, Span
 from lsts.kernels.attention.reference import expand_kv, fold_kv
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import RingComm
@@ -97,7 +98,7 @@ def rsa_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     group: dist.ProcessGroup | None = None,
-    causal: bool = True,
+    span: Span = CAUSAL,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     softcap: float = 0.0,
@@ -106,12 +107,15 @@ def rsa_attention(
     """Two-ring Ring Self-Attention on the contiguous layout: ``q [B, S_local, H, D]``,
     ``k, v [B, S_local, H_kv, D]`` -> ``out [B, S_local, H, D]`` (and ``lse [B, H, S_local]``).
     Materializes ``[B, H, S_local, N]`` probabilities: O(N^2 / P) memory per rank. The seed method
-    has no ``softcap`` or ``sinks``: they are a `ValueError` (use `ring_attention`)."""
+    has only the causal and full spans and no ``softcap`` or ``sinks``: anything else is a
+    `ValueError` (use `ring_attention`)."""
 
     def check(_world: int) -> None:
+        if span.kind not in ("causal", "full"):
+            raise ValueError(f"rsa_attention computes the causal and full spans only, got {span}; use ring_attention")
         if softcap or sinks is not None:
             raise ValueError("rsa_attention implements neither softcap nor sinks; use ring_attention for them")
 
-    scale, _ = attention_setup(q, k, v, group, "contiguous", causal, softmax_scale, "reference", extra_check=check)
-    out, lse = _RingSelfAttention.apply(q, k, v, group, causal, scale)
+    scale, _ = attention_setup(q, k, v, group, "contiguous", span, softmax_scale, "reference", extra_check=check)
+    out, lse = _RingSelfAttention.apply(q, k, v, group, span.causal, scale)
     return (out, lse) if return_lse else out

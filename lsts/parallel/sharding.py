@@ -22,17 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lsts.config import DOCUMENT_LAYOUTS, LAYOUTS, check_layout, seq_len_divisor
 from lsts.kernels.attention import CAUSAL, FULL, Documents, Span
 from lsts.parallel.balance import balanced_runs, document_boundaries
-
-LAYOUTS = ("contiguous", "zigzag", "stripe", "balanced")
-# Layouts that depend on the pack's documents: they need ``cu_seqlens`` wherever they are named.
-DOCUMENT_LAYOUTS = ("balanced",)
-
-
-def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
 
 
 def check_document_layout(layout: str, docs: Documents | None) -> None:
@@ -47,12 +39,6 @@ def check_document_layout(layout: str, docs: Documents | None) -> None:
             f"layout {layout!r} shards each pack by its own documents, so batch rows with different cu_seqlens "
             f"cannot share one shard; give every row the same documents or one row per call"
         )
-
-
-def seq_len_divisor(layout: str, world: int) -> int:
-    """The global sequence length must be a multiple of this for ``layout`` on ``world`` ranks."""
-    _check_layout(layout)
-    return 2 * world if layout == "zigzag" else world
 
 
 def check_seq_len(seq_len: int, layout: str, world: int) -> None:
@@ -139,7 +125,7 @@ def gather_sequence(
     """Inverse of `shard_sequence`: the full tensor on every rank. Differentiable; the backward
     returns this rank's shard of the gradient (every rank is assumed to compute the same loss)."""
     _, world = _group_rank_world(group)
-    _check_layout(layout)
+    check_layout(layout)
     if world == 1:
         return x_local
     return _GatherSequence.apply(x_local, group, dim, layout, cu_seqlens)
@@ -191,7 +177,8 @@ def ring_tiles(layout: str, rank: int, src: int, world: int, s_local: int, causa
         if src < rank:
             return [Tile(everything, everything, CAUSAL)]
         return [Tile(slice(1, s_local), slice(0, s_local - 1), CAUSAL)] if s_local > 1 else []
-    raise ValueError(f"no plain ring tiles for layout {layout!r}; choose one of {LAYOUTS[:3]} (or call tiles())")
+    plain = tuple(name for name in LAYOUTS if name not in DOCUMENT_LAYOUTS)
+    raise ValueError(f"no plain ring tiles for layout {layout!r}; choose one of {plain} (or call tiles())")
 
 
 def shard_chunks(

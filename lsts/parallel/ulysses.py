@@ -23,7 +23,15 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from lsts.kernels.attention import CAUSAL, FULL, Documents, Span, as_documents, attend_rows, attention, document_rows
+from lsts.kernels.attention import (
+    Documents,
+    Span,
+    as_documents,
+    attend_rows,
+    attention,
+    document_rows,
+    span_of,
+)
 from lsts.kernels.attention.documents import document_fields
 from lsts.parallel.checks import attention_setup
 from lsts.parallel.comm import all_to_all, even_split
@@ -161,12 +169,12 @@ def ulysses_attention(
     ``softcap`` and ``sinks [H]`` (all the layer's query heads, the same on every rank) as in
     `lsts.kernels.attention.attention`; each rank applies the sinks of its heads, so ``sinks.grad``
     on a rank holds its heads' part (sum it over the group as for any replicated parameter)."""
+    span = span_of(causal, span)
     rows = document_rows(cu_seqlens, q.shape[0])
     if rows is not None:  # each row its own documents
-        kw = dict(group=group, causal=causal, layout=layout, softmax_scale=softmax_scale, backend=backend, span=span)
+        kw = dict(group=group, layout=layout, softmax_scale=softmax_scale, backend=backend, span=span)
         kw.update(softcap=softcap, sinks=sinks)
         return attend_rows(ulysses_attention, rows, q, k, v, with_lse=return_lse, return_lse=True, **kw)
-    span = span if span is not None else (CAUSAL if causal else FULL)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
 
     docs = as_documents(cu_seqlens, q.device, q.shape[1] * world)

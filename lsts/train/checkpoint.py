@@ -43,7 +43,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import pickle
 import random
@@ -208,19 +207,13 @@ class Checkpointer:
         extra: dict | None = None,
         *,
         force: bool = False,
-        loss: float | torch.Tensor | None = None,
     ) -> Path | None:
         """Save when ``step`` is a multiple of ``every`` or ``force`` (the last step); else None.
 
-        A non-finite ``loss`` (pass the loss reduced over ranks, so all ranks agree) skips the save:
-        a poisoned checkpoint must never become the latest nor push a good one out by retention.
         Saving the same step twice is a no-op, so a forced final save may coincide with a periodic one.
         """
         due = force or (self.every > 0 and step % self.every == 0)
         if not due or step == self._last_saved:
-            return None
-        if loss is not None and not math.isfinite(float(loss)):
-            log.warning("step %d: loss %s is not finite; checkpoint skipped, the last good one stays", step, loss)
             return None
         return self.save(step, model, optimizer, scheduler, data_loader, extra)
 

@@ -56,10 +56,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lsts.kernels.loss import IGNORE_INDEX
 from lsts.parallel.balance import work_per_rank
 from lsts.parallel.sharding import DOCUMENT_LAYOUTS, check_seq_len, layout_indices
 
-IGNORE_INDEX = -100  # the ignore_index of torch.nn.functional.cross_entropy
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")  # a .json file is read when named itself
 AUTO_LAYOUTS = ("zigzag", "balanced")  # what layout "auto" chooses from by default, preferred first
@@ -340,7 +340,6 @@ class PackedDataLoader:
                 f"the corpus has {corpus.n_tokens} tokens: too few for one batch of {batch_size} × {dp_world} "
                 f"dp ranks × {seq_len + 1} tokens; lower data.seq_len or data.batch_size, or add text"
             )
-        self.tokenizer: ByteTokenizer | HFTokenizer | None = None  # set by `build_data`, for decoding
         self._set_position(epoch=0, cursor=0)
 
     @property
@@ -477,11 +476,6 @@ def build_data(
     """The loader of one (dp, cp) rank from a `lsts.config.DataConfig` (``auto_layouts``: what layout
     "auto" chooses from). Cheap checks run before the corpus is read, so a bad layout fails at once."""
     d = data_cfg
-    if d.num_workers != 0:
-        raise ValueError(
-            f"data.num_workers ({d.num_workers}): the packed loader slices an in-memory array in the training "
-            "process and has no workers; set data.num_workers=0"
-        )
     _check_ranks(
         d.seq_len, d.batch_size, dp_rank, dp_world, cp_rank, cp_world, row_layouts(layout, auto_layouts, d.doc_masking)
     )
@@ -498,7 +492,7 @@ def build_data(
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
     corpus = load_corpus(d.dataset, tokenizer, d.text_field)
-    loader = PackedDataLoader(
+    return PackedDataLoader(
         corpus,
         seq_len=d.seq_len,
         batch_size=d.batch_size,
@@ -511,8 +505,6 @@ def build_data(
         doc_masking=d.doc_masking,
         auto_layouts=auto_layouts,
     )
-    loader.tokenizer = tokenizer
-    return loader
 
 
 __all__ = [

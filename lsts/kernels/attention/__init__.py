@@ -44,6 +44,7 @@ __all__ = [
     "document_rows",
     "merge_into",
     "resolve_backend",
+    "span_of",
 ]
 
 
@@ -60,6 +61,13 @@ def default_scale(head_dim: int, softmax_scale: float | None) -> float:
 
 
 FULL, CAUSAL = Span("full"), Span("causal")
+
+
+def span_of(causal: bool, span: Span | None) -> Span:
+    """The span of a call that takes FlashAttention's ``causal`` flag beside ``span``: ``span`` when
+    given (it overrides the flag), else causal or full. The public functions with ``causal=`` convert
+    here, once; every internal entry point takes a `Span` only."""
+    return span if span is not None else (CAUSAL if causal else FULL)
 
 
 def _aligned_causal(span: Span, q, k, q_offset: int, k_offset: int) -> bool:
@@ -206,14 +214,14 @@ def attention(
     query head, any float dtype, may require grad): each head's softmax gets one more key with that
     logit and a zero value; ``lse`` includes it, a query with no visible key gets ``out = 0`` and
     ``lse = sink``, and ``sinks`` gets its gradient (`sinks` module)."""
+    span = span_of(causal, span)
     rows = document_rows(cu_seqlens, q.shape[0])
     if rows is not None:
-        kw = dict(causal=causal, softmax_scale=softmax_scale, backend=backend, span=span, q_offset=q_offset)
+        kw = dict(softmax_scale=softmax_scale, backend=backend, span=span, q_offset=q_offset)
         kw.update(softcap=softcap, sinks=sinks)
         return attend_rows(attention, rows, q, k, v, with_lse=True, k_offset=k_offset, **kw)
     check_qkv(q, k, v)
     check_softcap_sinks(q, softcap, sinks)
-    span = span if span is not None else (CAUSAL if causal else FULL)
     backend = resolve_backend(backend, q.device)
     scale = default_scale(q.shape[-1], softmax_scale)
     docs = as_documents(cu_seqlens, q.device, q_offset + q.shape[1], k_offset + k.shape[1])

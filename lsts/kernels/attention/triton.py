@@ -34,7 +34,9 @@ import triton.language as tl
 from lsts.kernels.attention.spans import Span
 from lsts.kernels.buffers import kernel_buffer
 
-LOG2E = 1.4426950408889634
+# log2(e): the kernels run the softmax in base 2 (exp2 / log2). A `tl.constexpr` so that @triton.jit
+# functions may read it; host code takes ``LOG2E.value``.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -152,7 +154,7 @@ def _scores(b_qk, qk_scale, SOFTCAP: tl.constexpr):
         # tanh(x) = 1 - 2 / (e^{2x} + 1): saturates to ±1 without overflow (Triton has no tanh).
         b_x2 = b_qk * (qk_scale * 2 / SOFTCAP)  # 2x in base 2: 2·scale·q·k·log2(e) / SOFTCAP
         b_t = 1 - 2 / (tl.exp2(b_x2) + 1)
-        b_s = b_t * (SOFTCAP * 1.4426950408889634)
+        b_s = b_t * (SOFTCAP * LOG2E)
     return b_s, b_t
 
 
@@ -280,7 +282,7 @@ def _attn_fwd_kernel(
 
     seen = b_l > 0
     b_out = b_acc / tl.where(seen, b_l, 1.0)[:, None]
-    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
+    b_lse = tl.where(seen, (b_m + tl.log2(tl.where(seen, b_l, 1.0))) / LOG2E, float("-inf"))
     p_o = (
         O + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
     )
@@ -332,7 +334,7 @@ def _attn_bwd_dq_kernel(
     q_rows = i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
     b_q = tl.load(Q + q_rows, mask=m_m[:, None] & m_d[None, :], other=0.0)
     b_do = tl.load(DO + q_rows, mask=m_m[:, None] & m_d[None, :], other=0.0)
-    b_lse2 = tl.load(LSE + i_bh.to(tl.int64) * SQ + offs_m, mask=m_m, other=0.0) * 1.4426950408889634
+    b_lse2 = tl.load(LSE + i_bh.to(tl.int64) * SQ + offs_m, mask=m_m, other=0.0) * LOG2E
     b_lse2 = tl.where(b_lse2 == float("-inf"), 0.0, b_lse2)  # rows with no key: P = 0
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * SQ + offs_m, mask=m_m, other=0.0)
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
@@ -457,7 +459,7 @@ def _attn_bwd_dkv_kernel(
             m_qd = m_q[:, None] & m_d[None, :]
             b_q = tl.load(p_q0 + offs_q[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=m_qd, other=0.0)
             b_do = tl.load(p_do0 + offs_q[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=m_qd, other=0.0)
-            b_lse2 = tl.load(LSE + i_bh.to(tl.int64) * SQ + offs_q, mask=m_q, other=0.0) * 1.4426950408889634
+            b_lse2 = tl.load(LSE + i_bh.to(tl.int64) * SQ + offs_q, mask=m_q, other=0.0) * LOG2E
             b_lse2 = tl.where(b_lse2 == float("-inf"), 0.0, b_lse2)
             b_delta = tl.load(DELTA + i_bh.to(tl.int64) * SQ + offs_q, mask=m_q, other=0.0)
             doc_lo, doc_hi = _doc_bounds(DOC_START, DOC_END, offs_q + q_offset, m_q, DOCS)
@@ -575,7 +577,7 @@ def attention_fwd(
     grid = (triton.cdiv(sq, blocks["BLOCK_M"]), b * h)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, HEAD_DIM=d, **_span_args(span, docs, h),
+        sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E.value, HEAD_DIM=d, **_span_args(span, docs, h),
         SOFTCAP=float(softcap), **blocks,
     )  # fmt: skip
     return out, lse
@@ -601,7 +603,7 @@ def attention_bwd(
     dk = kernel_buffer(k.shape, torch.float32, k.device)
     dv = kernel_buffer(v.shape, torch.float32, v.device)
     spans = {**_span_args(span, docs, h), "SOFTCAP": float(softcap)}
-    common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E, softmax_scale)
+    common = (sq, sk, h, h // h_kv, q_offset, k_offset, softmax_scale * LOG2E.value, softmax_scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     dq_blocks, dkv_blocks = (launch_config(name, d, q.dtype, q.device) for name in ("dq", "dkv"))
     _attn_bwd_dq_kernel[(triton.cdiv(sq, dq_blocks["BLOCK_M"]), b * h)](

@@ -51,6 +51,7 @@ from lsts.kernels import _utils
 from lsts.kernels.backend import resolve_backend
 from lsts.kernels.buffers import kernel_buffer
 
+IGNORE_INDEX = -100  # the label that trains nothing: torch.nn.functional.cross_entropy's and transformers' default
 _SUPPORTED = ("triton", "torch", "reference")
 _REDUCTIONS = ("sum", "mean")
 
@@ -223,7 +224,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "sum",
     chunk_size: int = 4096,
     backend: str = "auto",

@@ -53,13 +53,13 @@ from torch import nn
 
 from lsts.attention import AttentionContext
 from lsts.kernels.attention import Span
+from lsts.kernels.loss import IGNORE_INDEX
 from lsts.models.hf.attention import attention_modules, use_lsts_attention
 from lsts.parallel import init_process_group, shard_sequence
 from lsts.parallel.dims import ParallelDims
 from lsts.parallel.sharding import seq_len_divisor
 
 DOCUMENTS = "lsts_documents"  # batch key: global cu_seqlens of the sharded row, consumed before the forward
-IGNORE_INDEX = -100
 # Batch keys the model must not get under sequence parallelism: the documents replace them.
 DROPPED = ("attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 KNOWN = ("input_ids", "labels", "shift_labels", "position_ids", *DROPPED)
