@@ -1,4 +1,5 @@
-"""Fine-tune a Hugging Face decoder for long context: LongLoRA, SinkLoRA, LoRA or full.
+"""Fine-tune a Hugging Face decoder for long context with a recipe of `lsts.finetune.methods`:
+LongLoRA, SinkLoRA, LoRA, full or SPT.
 
     torchrun --nproc-per-node 2 launch/finetune.py --model DIR --method longlora --seq-len 8192 --steps 2 --out X
     python launch/finetune.py --model DIR --method sinklora --config configs/finetune-llama-8k.yaml --print-config

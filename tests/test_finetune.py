@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from lsts.attention import AttentionContext
 from lsts.finetune.config import load_finetune_config
-from lsts.finetune.recipes import load_extended, prepare
+from lsts.finetune.recipes import load_extended, recipe
 from lsts.finetune.trainer import CausalLMLoss
 from lsts.parallel import shard_sequence
 from tests.distributed import errors_on_all_ranks, run_ranks
@@ -35,7 +35,8 @@ def _loss_and_grads(rank, world, checkpoint, method):
     torch.manual_seed(0)
     mode = "ring" if world > 1 else "local"
     ctx = AttentionContext(mode=mode, backend="torch")
-    model = CausalLMLoss(prepare(load_extended(checkpoint, SEQ, torch.float64), method, SEQ, ctx), backend="torch")
+    hf = recipe(method, SEQ).prepare(load_extended(checkpoint, SEQ, torch.float64), ctx)
+    model = CausalLMLoss(hf, backend="torch")
     with torch.no_grad():  # LoRA B starts at zero: give the adapters weight so their A gradients matter
         for name, p in model.named_parameters():
             if "lora_B" in name:

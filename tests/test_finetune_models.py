@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM
 
 from lsts.attention import AttentionContext
-from lsts.finetune.recipes import load_extended, prepare
+from lsts.finetune.recipes import load_extended, recipe
 from lsts.finetune.trainer import CausalLMLoss
 from lsts.models.hf import use_lsts_attention
 from lsts.train.checkpoint import latest_checkpoint
@@ -64,7 +64,7 @@ def _trained_lora_model(base: Path, out: Path, tmp: Path):
     """The run's LoRA model: the recipe's model over the base, with the last checkpoint's weights."""
     dcp_to_torch_save(latest_checkpoint(out), tmp / "state.pt")
     trained = torch.load(tmp / "state.pt", weights_only=False)["model"]
-    model = CausalLMLoss(prepare(load_extended(base, SEQ), "longlora", SEQ, CTX), backend="torch")
+    model = CausalLMLoss(recipe("longlora", SEQ).prepare(load_extended(base, SEQ), CTX), backend="torch")
     missing, unexpected = model.load_state_dict(trained, strict=False)
     assert not unexpected and not any("lora_" in k for k in missing)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in trained.items())  # the adapters trained

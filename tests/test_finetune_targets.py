@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lsts.finetune.positions import extend_positions
 from lsts.finetune.recipes import load_extended
-from lsts.finetune.targets import lora_config, lora_targets
+from lsts.finetune.targets import lora_config, lora_targets, mlp_targets
 from tests.hf_models import TINY_DECODERS, save_tiny_decoder, tiny_decoder
 
 # What each architecture names its attention and MLP projections (from its modeling file).
@@ -44,20 +44,18 @@ def _leaves(names, part):
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_DECODERS))
-def test_lora_targets_are_every_attention_projection_and_with_mlp_the_feed_forward(arch):
+def test_lora_targets_are_every_attention_projection_and_mlp_targets_the_feed_forward(arch):
     model = tiny_decoder(arch)
     targets = lora_targets(model)
     layers = 2
     assert len(targets) == layers * len(ATTENTION[arch]) == len(set(targets))
     attn_part = "attn" if arch == "gpt2" else ("attention" if arch == "gpt_neox" else "self_attn")
     assert _leaves(targets, attn_part) == ATTENTION[arch]
-    with_mlp = lora_targets(model, mlp=True)
-    assert with_mlp[: len(targets)] == targets
-    mlp_leaves = {n.rsplit(".", 1)[-1] for n in with_mlp[len(targets) :]}
-    assert mlp_leaves == MLP.get(arch, SWIGLU)
-    assert all(".mlp." in n for n in with_mlp[len(targets) :])
+    mlp = mlp_targets(model)
+    assert {n.rsplit(".", 1)[-1] for n in mlp} == MLP.get(arch, SWIGLU)
+    assert all(".mlp." in n for n in mlp) and not set(mlp) & set(targets)
 
-    adapted = get_peft_model(copy.deepcopy(model), lora_config(model, r=4, alpha=8))
+    adapted = get_peft_model(copy.deepcopy(model), lora_config(model, targets, r=4, alpha=8))
     lora_layers = [n for n, m in adapted.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     assert len(lora_layers) == len(targets)
     adapted(torch.randint(0, 256, (1, 8)))  # the adapted layers run (Conv1D with fan_in_fan_out)
@@ -65,7 +63,7 @@ def test_lora_targets_are_every_attention_projection_and_with_mlp_the_feed_forwa
 
 def test_gpt2_conv1d_targets_take_fan_in_fan_out_and_the_adapter_acts_on_the_right_side():
     model = tiny_decoder("gpt2").eval()
-    config = lora_config(model, r=4, alpha=8)
+    config = lora_config(model, lora_targets(model), r=4, alpha=8)
     assert config.fan_in_fan_out
     adapted = get_peft_model(copy.deepcopy(model), config)
     c_attn = adapted.base_model.model.transformer.h[0].attn.c_attn
@@ -100,7 +98,7 @@ def test_attention_mixing_conv1d_and_linear_is_a_clear_error():
     model.config = LlamaConfig()
     assert lora_targets(model) == ["layers.0.qkv", "layers.0.out"]
     with pytest.raises(ValueError, match="mixes Conv1D and Linear LoRA targets"):
-        lora_config(model, r=2, alpha=4)
+        lora_config(model, lora_targets(model), r=2, alpha=4)
 
 
 # --- position interpolation ---------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class FinetuneRunConfig(Sections):
         errors += [] if f.model else ["finetune.model is empty; give --model <local HF directory or hub name>"]
         errors += _at_least("finetune", f, 1, "lora_r", "lora_alpha") + _at_least("finetune", f, 0, "spt_dense_steps")
         errors += self.common_errors()
-        if f.s2_variant == "roll" and f.method != "longlora":
+        if f.s2_variant == "roll" and METHODS[f.method].span != "s2":
             errors.append(f"finetune.s2_variant=roll is a LongLoRA ablation; method {f.method!r} has no S2 groups")
         if errors:
             raise InvalidConfig(errors)

@@ -1,11 +1,11 @@
 """The fine-tuning methods, the one list of them: what each one trains and with which attention span,
 as data that imports no torch, so that `lsts.finetune.config` derives its ``--finetune.method``
-choices and help from it before torch is loaded. `lsts.finetune.recipes` turns an entry into a
-`Recipe` and prepares the model.
+choices and help from it before torch is loaded. `lsts.finetune.recipes.recipe` turns an entry into
+the `Recipe` object whose hooks the fine-tuning job calls.
 
-A method with its own preparation (SPT) names it as ``"module:function"``, imported on use and
-called as ``function(model, ctx, sparse_attention)``; adding such a method is its own module plus
-one line here (docs/architecture.md)."""
+A method with behaviour of its own (SPT: its preparation, staging, auxiliary loss and export)
+names its `Recipe` subclass as ``"module:Class"``, imported only when a run uses it; adding such a
+method is its own module plus one line here (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Method:
     span: str | None = None
     lora: bool = True  # peft LoRA adapters; False: every weight trainable
     train_embeddings_and_norms: bool = False  # LoRA+
-    prepare: str | None = None  # "module:function" in place of the generic preparation
+    recipe: str | None = None  # "module:Class", a `lsts.finetune.recipes.Recipe` subclass; None: `Recipe`
 
 
 METHODS: dict[str, Method] = {
@@ -28,7 +28,7 @@ METHODS: dict[str, Method] = {
     "longlora": Method("S2-Attn + LoRA+", span="s2", train_embeddings_and_norms=True),
     "sinklora": Method("SF-Attn + sinks + LoRA+", span="sf", train_embeddings_and_norms=True),
     "full": Method("every weight trainable", lora=False),
-    "spt": Method("sparse MHA, routed FFN", prepare="lsts.finetune.spt:prepare_recipe"),
+    "spt": Method("sparse MHA, routed FFN", recipe="lsts.finetune.spt:SPTRecipe"),
 }
 
 

@@ -1,13 +1,27 @@
 """Long-context fine-tuning recipes for Hugging Face decoders (``docs/algorithms.md`` §6-§7).
 
+A fine-tuning method is a `Recipe`: an object whose hooks the fine-tuning job calls
+(`lsts.finetune.trainer.FinetuneJob`), which knows no method by name:
+
+- ``prepare(model, ctx, cp) -> model``: put the loaded model on lsts attention and make the
+  method's weights trainable; ``cp`` is the context-parallel degree the model will train under;
+- ``before_step(model, step)``: training-time changes at the start of ``step`` (also on resume);
+- ``aux_loss(model) -> Tensor | None``: a loss added, per token, to the language-model loss of each
+  training forward (None: none);
+- ``export(model, out_dir) -> Path``: write ``out_dir/merged`` for plain transformers.
+
+`recipe(method, seq_len, settings)` builds the one of ``METHODS[method]`` (`lsts.finetune.methods`):
+this module's `Recipe` for the methods that are a span and a choice of trainable weights, or the
+subclass the entry names.
+
 - ``lora``: LoRA (peft; r=8, alpha=16 on the attention projections, `lsts.finetune.targets`) with
   full causal attention.
 - ``longlora``: LongLoRA — S²-Attn (shifted groups of a quarter of the length, leak-free) for
   training, LoRA+ (embeddings and every norm trainable besides the adapters).
 - ``sinklora``: SinkLoRA — SF-Attn (the same groups plus 4 global sink tokens), LoRA+.
 - ``full``: every weight trainable, full causal attention.
-- ``spt``: SPT (`lsts.finetune.spt`): sparse MHA by product-quantized key selection, routed FFN,
-  LoRA r=16 on attention and FFN projections.
+- ``spt``: SPT (`lsts.finetune.spt.SPTRecipe`): sparse MHA by product-quantized key selection,
+  routed FFN, LoRA r=16 on attention and FFN projections.
 
 All extend the positions by linear interpolation (`lsts.finetune.positions`): RoPE's factor is
 ``ceil(target / original)``, written into the config with every other RoPE setting kept, so the
@@ -20,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,41 +43,80 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lsts.attention import LOCAL, AttentionContext, RolledS2
+from lsts.finetune.config import FinetuneConfig
 from lsts.finetune.methods import METHODS
 from lsts.finetune.positions import extend_positions, interpolation_factor
-from lsts.finetune.targets import lora_config
+from lsts.finetune.targets import lora_config, lora_targets
 from lsts.kernels.attention import Span
 from lsts.models.hf import use_lsts_attention
 
 N_SINK = 4
 
 
-@dataclass(frozen=True)
 class Recipe:
-    method: str
-    span: Span | RolledS2 | None  # None: the model's own attention on every layer
-    lora: bool
-    train_embeddings_and_norms: bool  # LoRA+
+    """A fine-tuning method as the hooks the job calls; this class is the recipe of the methods that
+    are a span of size ``seq_len / 4`` (groups of it, as LongLoRA) and a choice of trainable weights
+    (``METHODS[name]``). ``settings`` gives ``lora_r``, ``lora_alpha`` and ``s2_variant``
+    (``"roll"``: longlora's rolled grouping, an ablation, `RolledS2`); a subclass reads its own.
+    Use `recipe` to build one."""
+
+    def __init__(self, settings: FinetuneConfig, seq_len: int) -> None:
+        method, group = METHODS[settings.method], seq_len // 4
+        if method.span in ("s2", "sf") and (group < 2 or group % 2):
+            raise ValueError(
+                f"{settings.method} shifts groups of seq_len / 4 = {group} tokens by half: "
+                "seq_len must be a multiple of 8"
+            )
+        if settings.s2_variant not in ("leak_free", "roll"):
+            raise ValueError(f"unknown S² variant {settings.s2_variant!r}; choose leak_free or roll")
+        self.settings, self.seq_len = settings, seq_len
+        self.span: Span | RolledS2 | None = None  # None: the model's own attention on every layer
+        if method.span == "s2":
+            self.span = RolledS2(group) if settings.s2_variant == "roll" else Span("s2", group)
+        elif method.span is not None:
+            self.span = Span(method.span, group, N_SINK if method.span == "sf" else 0)
+        self.lora, self.train_embeddings_and_norms = method.lora, method.train_embeddings_and_norms
+
+    @property
+    def name(self) -> str:
+        return self.settings.method
+
+    def prepare(self, model: nn.Module, ctx: AttentionContext = LOCAL, cp: int = 1) -> nn.Module:
+        """``model`` on lsts attention with the recipe's span, the recipe's weights trainable (peft
+        adapters on `lora_targets` for the LoRA methods): the model to train."""
+        use_lsts_attention(model, span=self.span, ctx=ctx)
+        if not self.lora:
+            return model.requires_grad_(True)
+        targets = lora_targets(model)
+        model = get_peft_model(model, lora_config(model, targets, self.settings.lora_r, self.settings.lora_alpha))
+        if self.train_embeddings_and_norms:
+            for module in (model.get_input_embeddings(), *filter(_is_norm, model.modules())):
+                module.requires_grad_(True)
+        return model
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        """Nothing changes during training."""
+
+    def aux_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """No auxiliary loss."""
+        return None
+
+    def export(self, model: nn.Module, out_dir: str | Path) -> Path:
+        """LoRA merged into the weights, saved for plain transformers (`save_plain`)."""
+        return save_plain(merged(model), out_dir)
 
 
-def recipe(method: str, seq_len: int, s2_variant: str = "leak_free") -> Recipe:
-    """The recipe of ``method`` at training length ``seq_len`` (groups of seq_len / 4, as LongLoRA);
-    ``s2_variant="roll"`` gives longlora the paper's rolled grouping (an ablation, `RolledS2`)."""
+def recipe(method: str, seq_len: int, settings: FinetuneConfig | None = None) -> Recipe:
+    """The recipe of ``method`` at training length ``seq_len``: `Recipe`, or the subclass that
+    ``METHODS[method].recipe`` names (imported now). ``settings`` (default: `FinetuneConfig`'s) gives
+    the recipe's options; its ``method`` is set to ``method``."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {tuple(METHODS)}")
-    m, group = METHODS[method], seq_len // 4
-    if m.span in ("s2", "sf") and (group < 2 or group % 2):
-        raise ValueError(
-            f"{method} shifts groups of seq_len / 4 = {group} tokens by half: seq_len must be a multiple of 8"
-        )
-    if s2_variant not in ("leak_free", "roll"):
-        raise ValueError(f"unknown S² variant {s2_variant!r}; choose leak_free or roll")
-    span = None
-    if m.span == "s2":
-        span = RolledS2(group) if s2_variant == "roll" else Span("s2", group)
-    elif m.span is not None:
-        span = Span(m.span, group, N_SINK if m.span == "sf" else 0)
-    return Recipe(method, span, m.lora, m.train_embeddings_and_norms)
+    cls = Recipe
+    if METHODS[method].recipe is not None:
+        module, name = METHODS[method].recipe.split(":")
+        cls = getattr(importlib.import_module(module), name)
+    return cls(replace(settings or FinetuneConfig(), method=method), seq_len)
 
 
 def load_extended(model_dir: str | Path, seq_len: int, dtype: torch.dtype = torch.float32):
@@ -74,50 +127,23 @@ def load_extended(model_dir: str | Path, seq_len: int, dtype: torch.dtype = torc
     return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
 
 
-def prepare(
-    model,
-    method: str,
-    seq_len: int,
-    ctx: AttentionContext = LOCAL,
-    r: int = 8,
-    alpha: int = 16,
-    s2_variant: str = "leak_free",
-    sparse_attention: bool = True,
-):
-    """Put ``model`` on lsts attention with the recipe's span and make the recipe's weights
-    trainable (peft adapters for the LoRA methods). Returns the model to train. ``spt`` keeps its
-    own LoRA rank (16) and needs ``sparse_attention`` false under context parallelism."""
-    rec = recipe(method, seq_len, s2_variant)
-    if METHODS[method].prepare is not None:  # the method's own preparation, from its own module
-        module, function = METHODS[method].prepare.split(":")
-        return getattr(importlib.import_module(module), function)(model, ctx, sparse_attention)
-    use_lsts_attention(model, span=rec.span, ctx=ctx)
-    if not rec.lora:
-        return model.requires_grad_(True)
-    model = get_peft_model(model, lora_config(model, r, alpha))
-    if rec.train_embeddings_and_norms:
-        for module in (model.get_input_embeddings(), *filter(_is_norm, model.modules())):
-            module.requires_grad_(True)
-    return model
-
-
 def _is_norm(module: nn.Module) -> bool:
     """LayerNorm, RMSNorm and the models' own norm classes (``LlamaRMSNorm``, ``Gemma2RMSNorm``...)."""
     return "Norm" in type(module).__name__
 
 
-def export_merged(model, out_dir: str | Path) -> Path:
-    """LoRA merged into the weights, saved with `save_pretrained` for plain transformers (the RoPE
-    factor travels in the config); returns ``out_dir/merged``. Its files get the permissions of any
-    file the user creates (``0666 & ~umask``): safetensors may write them owner-only."""
-    path = Path(out_dir) / "merged"
-    merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
-    if any(hasattr(m, "spt_pq") for m in merged.modules()):
-        from lsts.finetune.spt import strip_spt
+def merged(model: nn.Module) -> nn.Module:
+    """``model`` with its peft LoRA merged into the weights (``merge_and_unload``); as is without."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
-        strip_spt(merged)  # plain transformers runs the dense FFN and attention of the merged weights
-    merged.config._attn_implementation = "sdpa"  # a plain load must not need lsts registered
-    merged.save_pretrained(path)
+
+def save_plain(model: nn.Module, out_dir: str | Path) -> Path:
+    """Save a transformers model (adapters merged) with `save_pretrained` for plain transformers
+    (the RoPE factor travels in the config); returns ``out_dir/merged``. Its files get the
+    permissions of any file the user creates (``0666 & ~umask``): safetensors may write them owner-only."""
+    path = Path(out_dir) / "merged"
+    model.config._attn_implementation = "sdpa"  # a plain load must not need lsts registered
+    model.save_pretrained(path)
     _normal_permissions(path)
     return path
 
@@ -133,9 +159,9 @@ def _normal_permissions(directory: Path) -> None:
 __all__ = [
     "METHODS",
     "Recipe",
-    "export_merged",
     "interpolation_factor",
     "load_extended",
-    "prepare",
+    "merged",
     "recipe",
+    "save_plain",
 ]

@@ -8,14 +8,18 @@
 2. every MLP of the LlamaMLP kind (``gate_proj``, ``up_proj``, ``down_proj``, SwiGLU) or of the GELU
    kind (``fc1``, ``fc2``) becomes a `RoutedMLP` that keeps the pretrained projections (hidden units
    in 4 blocks) and adds a sigmoid router;
-3. LoRA (peft, rank 16, alpha 32) goes on the attention and FFN projections
-   (`lsts.finetune.targets`, found before the routers exist); the routers and the codebooks stay
-   trainable.
+3. LoRA (peft, rank 16, alpha 32) goes on the attention projections every LoRA recipe adapts and on
+   the FFN projections (`lsts.finetune.targets`: `lora_targets` extended by `mlp_targets`, found
+   before the routers exist); the routers and the codebooks stay trainable.
 
 Staging (`set_stage`): ``"dense"`` first — full causal attention, while each attention module's
 codebook loss is computed on its q and k (`aux_loss` returns it, weighted, for the trainer to add);
 then ``"sparse"`` — each query attends its top ``L = N/8`` keys by code collisions
 (`lsts.kernels.spt.sparse_attention`); the codebook loss keeps running so the codes follow q and k.
+
+`SPTRecipe` is the ``spt`` fine-tuning method (`lsts.finetune.methods`): its hooks prepare the
+model, switch to the sparse stage after ``finetune.spt_dense_steps`` steps, add `aux_loss` and
+export the merged model through `strip_spt`.
 
 Sequence parallelism: the routed FFN is per token and composes with any layout; the dense stage
 uses lsts attention with the given ``ctx`` (ring, Ulysses, hybrid). Sparse MHA needs ``ctx`` local
@@ -33,7 +37,9 @@ of each module's codebook loss, times ``aux_weight`` (the per-layer mean is our 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
@@ -42,9 +48,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from lsts.attention import LOCAL, AttentionContext
-from lsts.finetune.targets import lora_config
+from lsts.finetune.recipes import Recipe, merged, save_plain
+from lsts.finetune.targets import lora_config, lora_targets, mlp_targets
 from lsts.kernels.spt import ProductQuantizer, budget_for, routed_ffn, select_keys, sparse_attention
 from lsts.models.hf import attention_modules, lsts_attention_forward, use_lsts_attention
+
+log = logging.getLogger(__name__)
 
 NAME = "lsts_spt"
 STAGES = ("dense", "sparse")
@@ -226,12 +235,6 @@ def _check_sparse_ctx(ctx: AttentionContext) -> None:
 # ------------------------------------------------------------------------------------------ API
 
 
-def prepare_recipe(model: nn.Module, ctx: AttentionContext, sparse_attention: bool) -> nn.Module:
-    """The ``spt`` fine-tuning method's preparation (`lsts.finetune.methods`): SPT's own LoRA rank
-    and alpha (16 / 32), whatever ``finetune.lora_r`` / ``lora_alpha`` say."""
-    return prepare_spt(model, SPTConfig(sparse_attention=sparse_attention, backend=ctx.backend), ctx)
-
-
 def prepare_spt(model: nn.Module, config: SPTConfig = SPTConfig(), ctx: AttentionContext = LOCAL) -> nn.Module:
     """SPT on a Hugging Face decoder, in the dense stage: returns the peft model to train. The
     trainer adds `aux_loss` to its loss and calls ``set_stage(model, "sparse")`` when the codebooks
@@ -248,7 +251,8 @@ def prepare_spt(model: nn.Module, config: SPTConfig = SPTConfig(), ctx: Attentio
         module.spt_pq = ProductQuantizer(head_dim, config.sub_dim, config.n_codes).to(weight.device)
         module.spt_config, module.spt_stage, module.spt_aux_loss = config, "dense", None
     # The routed MLP keeps the projections under their names, so targets found now still name them.
-    lora = lora_config(model, config.lora_r, config.lora_alpha, mlp=config.routed_ffn)
+    targets = lora_targets(model) + (mlp_targets(model) if config.routed_ffn else [])
+    lora = lora_config(model, targets, config.lora_r, config.lora_alpha)
     if config.routed_ffn:
         _route_mlps(model, config)
     model = get_peft_model(model, lora)
@@ -310,14 +314,42 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     return modules[0].spt_config.aux_weight * torch.stack(losses).mean()
 
 
+class SPTRecipe(Recipe):
+    """The ``spt`` fine-tuning method: `prepare_spt` with SPT's own LoRA rank and alpha (16 / 32,
+    whatever ``finetune.lora_r`` / ``lora_alpha`` say); dense attention while the codebooks train,
+    sparse MHA after ``finetune.spt_dense_steps`` steps (cp = 1 only: under context parallelism the
+    routed FFN and LoRA train with dense attention); `aux_loss` added; the merged export is a plain
+    model again (`strip_spt`)."""
+
+    def prepare(self, model: nn.Module, ctx: AttentionContext = LOCAL, cp: int = 1) -> nn.Module:
+        if cp > 1:
+            log.info("spt with context parallelism: routed FFN and LoRA, dense attention (sparse MHA needs cp = 1)")
+        return prepare_spt(model, SPTConfig(sparse_attention=cp == 1, backend=ctx.backend), ctx)
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        """The switch to sparse attention after the dense steps (at least one: the codebooks train first)."""
+        first = _spt_modules(model)[0]
+        due = step > max(self.settings.spt_dense_steps, 1) and first.spt_config.sparse_attention
+        if due and first.spt_stage != "sparse":
+            set_stage(model, "sparse")
+            log.info("step %d: SPT switches to sparse attention", step)
+
+    def aux_loss(self, model: nn.Module) -> torch.Tensor:
+        return aux_loss(model)  # the module's function: the weighted codebook loss
+
+    def export(self, model: nn.Module, out_dir: str | Path) -> Path:
+        """Plain transformers runs the dense FFN and full attention of the merged weights."""
+        return save_plain(strip_spt(merged(model)), out_dir)
+
+
 __all__ = [
     "NAME",
     "STAGES",
     "RoutedMLP",
     "SPTConfig",
+    "SPTRecipe",
     "aux_loss",
     "calibrate",
-    "prepare_recipe",
     "prepare_spt",
     "register",
     "set_stage",

@@ -1,5 +1,6 @@
-"""The job behind ``launch/finetune.py``: a Hugging Face decoder, a recipe (`recipes`), and the
-training loop of `lsts.train.trainer` (config, data, checkpoints, metrics, non-finite guard).
+"""The job behind ``launch/finetune.py``: a Hugging Face decoder, a recipe (`recipes`: the job calls
+its hooks and knows no method by name), and the training loop of `lsts.train.trainer` (config,
+data, checkpoints, metrics, non-finite guard).
 
 The model stays a plain transformers model: lsts attention comes in through
 ``transformers.AttentionInterface`` (`lsts.models.hf`), LoRA through peft. `CausalLMLoss` puts
@@ -10,7 +11,7 @@ the trainable ones.
 
 At the end, ``out/merged`` gets the model with LoRA merged and the RoPE factor in its config: the
 full weights are gathered to rank 0 (`full_state_dict`), loaded into a fresh copy of the recipe's
-model there and saved with ``save_pretrained``, next to the tokenizer the run used (if not bytes).
+model there and saved by the recipe's ``export``, next to the tokenizer the run used (if not bytes).
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoTokenizer
 
 from lsts.attention import AttentionContext
-from lsts.finetune import spt
 from lsts.finetune.base import load_base_config
 from lsts.finetune.config import FinetuneRunConfig
-from lsts.finetune.recipes import export_merged, load_extended, prepare, recipe
+from lsts.finetune.recipes import Recipe, load_extended, recipe
 from lsts.kernels.loss import linear_cross_entropy
 from lsts.models.hf import attention_modules
 from lsts.parallel.data_parallel import apply_data_parallel
@@ -52,14 +52,16 @@ class CausalLMLoss(nn.Module):
     """A causal LM and its loss head as one module: ``forward(tokens, positions, ctx, labels)`` ->
     the summed next-token loss of a row, through `linear_cross_entropy` on the decoder's last hidden
     states and the output embedding, so ``[tokens, vocab]`` logits never exist whole. ``ctx`` (the
-    row's `AttentionContext`, with its packed documents) goes to every attention module. An SPT
-    model adds its weighted codebook loss while training (so its logged loss includes it)."""
+    row's `AttentionContext`, with its packed documents) goes to every attention module. While
+    training, the ``recipe``'s auxiliary loss (SPT's codebook loss), if any, is added per token (so
+    the logged loss includes it)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 4096, backend: str = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, chunk_size: int = 4096, backend: str = "auto", recipe: Recipe | None = None
+    ) -> None:
         super().__init__()
         self.model = model
-        self.chunk_size, self.backend = chunk_size, backend
-        self.spt = any(hasattr(m, "spt_pq") for m in model.modules())
+        self.chunk_size, self.backend, self.recipe = chunk_size, backend, recipe
         self._attention = attention_modules(model)  # a plain list: not registered twice
 
     @property
@@ -85,8 +87,9 @@ class CausalLMLoss(nn.Module):
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
-        if self.spt and self.training:  # SPT's codebook loss, a mean: weighted by the row's tokens like the rest
-            loss = loss + spt.aux_loss(self.model) * (labels != IGNORE_INDEX).sum()
+        aux = self.recipe.aux_loss(self.model) if self.recipe is not None and self.training else None
+        if aux is not None:  # a mean: weighted by the row's tokens like the rest
+            loss = loss + aux * (labels != IGNORE_INDEX).sum()
         return loss
 
 
@@ -123,14 +126,13 @@ class FinetuneJob:
                 f"{cfg.finetune.model} has a vocabulary of {self.vocab_size} ids and no tokenizer files, and the byte "
                 "tokenizer needs 256; save the model's tokenizer next to it or pass --data.tokenizer=<path>"
             )
-        self.recipe = recipe(cfg.finetune.method, cfg.data.seq_len)
+        self.recipe = recipe(cfg.finetune.method, cfg.data.seq_len, cfg.finetune)
         self.model: CausalLMLoss | None = None
         # Resuming loads the trained parameters over a base built from this source: it must be the same one.
         source = cfg.finetune.model
         self.checkpoint_extra = {"base": os.path.abspath(source) if os.path.isdir(source) else source}
         self.checkpoint_extra["method"] = cfg.finetune.method
-        self.sparse_attention = True  # spt: sparse MHA after the dense steps, unless cp > 1 (see check)
-        self.sparse_on = False
+        self.cp = 1  # the context-parallel degree the recipe prepares for (`check` sets it)
 
     def check(self, dims: ParallelDims, world: int) -> None:
         """Every rank, before any collective."""
@@ -149,11 +151,7 @@ class FinetuneJob:
                 "fine-tuning shards by zigzag or contiguous: set one of them"
             )
         dims.check_seq_len(cfg.data.seq_len, cfg.parallel.layout)
-        # SPT's sparse MHA picks keys anywhere in a query's prefix: it runs on whole sequences only
-        # (lsts.finetune.spt); under cp > 1 the routed FFN still applies, with dense attention.
-        self.sparse_attention = dims.cp == 1
-        if cfg.finetune.method == "spt" and dims.cp > 1:
-            log.info("spt with context parallelism: routed FFN and LoRA, dense attention (sparse MHA needs cp = 1)")
+        self.cp = dims.cp
         if cfg.finetune.s2_variant == "roll" and (dims.cp > 1 or cfg.data.doc_masking):
             raise ValueError(
                 "finetune.s2_variant=roll (an ablation) rolls one whole sequence on one device: set the context "
@@ -193,11 +191,11 @@ class FinetuneJob:
         return build_update(cfg, engine, dims, device, dtype, loss_fn=lambda m, *row: m(*row)), flops_per_token
 
     def _recipe_model(self, device: torch.device) -> CausalLMLoss:
-        cfg, f = self.cfg, self.cfg.finetune
-        hf = load_extended(f.model, cfg.data.seq_len).to(device)
-        ctx = AttentionContext(backend=cfg.kernels.attention)
-        hf = prepare(hf, f.method, cfg.data.seq_len, ctx, f.lora_r, f.lora_alpha, f.s2_variant, self.sparse_attention)
-        return CausalLMLoss(hf, cfg.kernels.loss_chunk_size, cfg.kernels.loss).train()  # from_pretrained gives eval()
+        cfg = self.cfg
+        hf = load_extended(cfg.finetune.model, cfg.data.seq_len).to(device)
+        hf = self.recipe.prepare(hf, AttentionContext(backend=cfg.kernels.attention), self.cp)
+        loss = CausalLMLoss(hf, cfg.kernels.loss_chunk_size, cfg.kernels.loss, self.recipe)
+        return loss.train()  # from_pretrained gives eval()
 
     def check_resume(self, extra: dict) -> None:
         for key, ours in self.checkpoint_extra.items():
@@ -208,12 +206,8 @@ class FinetuneJob:
                 )
 
     def before_step(self, step: int) -> None:
-        """SPT's staging: dense attention while the codebooks train, then sparse (also on resume)."""
-        f = self.cfg.finetune
-        if f.method == "spt" and self.sparse_attention and step > max(f.spt_dense_steps, 1) and not self.sparse_on:
-            spt.set_stage(self.model, "sparse")
-            self.sparse_on = True
-            log.info("step %d: SPT switches to sparse attention", step)
+        """The recipe's training-time changes (SPT's switch to sparse attention; also on resume)."""
+        self.recipe.before_step(self.model, step)
 
     def finish(self, update) -> None:
         """Write ``out/merged`` (rank 0) from the gathered weights; every rank takes part."""
@@ -223,7 +217,7 @@ class FinetuneJob:
         if dist.get_rank() == 0:
             fresh = self._recipe_model(torch.device("cpu"))
             fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-            path = export_merged(fresh.model, self.cfg.train.out)
+            path = self.recipe.export(fresh.model, self.cfg.train.out)
             if self.cfg.data.tokenizer != "byte":  # the model's tokenizer travels with it
                 AutoTokenizer.from_pretrained(self.cfg.data.tokenizer).save_pretrained(path)
             log.info("merged model saved to %s", path)
