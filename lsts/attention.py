@@ -59,18 +59,24 @@ class AttentionContext:
         return replace(self, documents=docs)
 
 
+# _SEQUENCE_PARALLEL_EAGER: under torch.compile the sequence-parallel methods run eagerly, one break
+# in the block's graph per call. Traced, dynamo would walk into their host-side plans, collectives
+# and autograd Functions and cut the block into many small graphs, each with its own guards.
 def _local(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
     return local_attention(q, k, v, **kw)[0]
 
 
+@torch.compiler.disable  # see _SEQUENCE_PARALLEL_EAGER
 def _ring(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
     return ring_attention(q, k, v, ctx.ring_group, layout=ctx.layout, **kw)
 
 
+@torch.compiler.disable  # see _SEQUENCE_PARALLEL_EAGER
 def _ulysses(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
     return ulysses_attention(q, k, v, ctx.ulysses_group, layout=ctx.layout, **kw)
 
 
+@torch.compiler.disable  # see _SEQUENCE_PARALLEL_EAGER
 def _hybrid(q, k, v, ctx: AttentionContext, **kw) -> torch.Tensor:
     return hybrid_attention(q, k, v, ctx.ring_group, ctx.ulysses_group, layout=ctx.layout, **kw)
 
