@@ -1,6 +1,6 @@
 """Eager against ``train.compile=true``: trainer step time of the demo MASFormer on CPU.
 
-    python bench/compile.py                      # 16384 tokens, 1 and 2 ranks, 6 steps each
+    python bench/compile.py                      # 16384 tokens, 1 and 2 ranks, 20 steps each (~6 min)
     python bench/compile.py --seq-len 8192 --steps 4
 
 Each run is ``torchrun launch/train.py``; the step time is the median of the steps after the first
@@ -37,7 +37,7 @@ def step_times(seq_len: int, steps: int, nproc: int, extra: list[str]) -> list[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=16384)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--nproc", default="1,2", help="comma-separated rank counts")
     args = ap.parse_args()
     rows = []
