@@ -24,7 +24,7 @@ from _common import REPO_ROOT, markdown_table
 def step_times(seq_len: int, steps: int, nproc: int, extra: list[str]) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             str(REPO_ROOT / "launch" / "train.py"), f"--seq-len={seq_len}", f"--steps={steps}", f"--out={out}",
             "--metrics.progress_bar=false", "--metrics.tensorboard=false", "--checkpoint.every=0", *extra,
         ]  # fmt: skip

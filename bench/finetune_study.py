@@ -44,6 +44,7 @@ def torchrun(script: str, nproc: int, args: list[str]) -> float:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         f"--nproc-per-node={nproc}",
         str(REPO_ROOT / "launch" / script),
     ]

@@ -65,7 +65,7 @@ def trainer_args(args: argparse.Namespace, contender: str) -> list[str]:
 
 def command(args: argparse.Namespace, contender: str, seq_len: int, report: Path, out: Path) -> list[str]:
     guard = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", str(GUARD),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", str(GUARD),
         f"--budget-gib={args.budget_gib}", f"--report={report}",
     ]  # fmt: skip
     if contender == "alst":

@@ -28,7 +28,7 @@ def train_step_time(seq_len: int, steps: int, nproc: int, extra: list[str]) -> d
     """Run the trainer; return its last metrics line."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             str(REPO_ROOT / "launch" / "train.py"), f"--seq-len={seq_len}", f"--steps={steps}", f"--out={out}",
             "--metrics.progress_bar=false", "--metrics.tensorboard=false", "--checkpoint.every=0", *extra,
         ]  # fmt: skip

@@ -44,7 +44,7 @@ def _measure(tmp_path, *args, env=None) -> dict:
     out = tmp_path / "run"
     counted = tmp_path / "sent.json"
     script = os.path.join(ROOT, "tests", "plan_measure.py")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd = [*torchrun, script, str(counted), *RUN, f"--out={out}", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**_env(tmp_path), **(env or {})}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
