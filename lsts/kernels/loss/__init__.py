@@ -45,40 +45,15 @@ older torch and CPU upcast half inputs per chunk).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lsts.kernels import _utils
 from lsts.kernels.backend import resolve_backend
 from lsts.kernels.buffers import kernel_buffer
+from lsts.kernels.loss.reference import linear_cross_entropy_reference
 
 IGNORE_INDEX = -100  # the label that trains nothing: torch.nn.functional.cross_entropy's and transformers' default
 _SUPPORTED = ("triton", "torch", "reference")
 _REDUCTIONS = ("sum", "mean")
-
-
-# --- PyTorch per-chunk step -----------------------------------------------------------------------
-
-
-def _ce_chunk_torch(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None) -> torch.Tensor:
-    """Same contract as `lsts.kernels.loss.triton.ce_chunk`, in PyTorch ops that work in place on ``z``, so a chunk
-    costs one ``[C, V]`` buffer (two with ``softcap``: tanh is needed again for the chain rule)."""
-    valid = labels != ignore_index
-    y = torch.where(valid, labels, 0).unsqueeze(1)  # [C, 1]
-    tanh = None
-    if softcap is not None:
-        tanh = z.div(softcap).tanh_()
-        torch.mul(tanh, softcap, out=z)
-    z_y = z.gather(1, y).squeeze(1)
-    z_max = z.amax(1, keepdim=True)
-    z.sub_(z_max).exp_()
-    sum_exp = z.sum(1, keepdim=True)
-    z.div_(sum_exp)  # softmax
-    lse = (z_max + sum_exp.log()).squeeze(1)
-    z.scatter_add_(1, y, torch.full_like(z_y, -1.0).unsqueeze(1))  # minus the one-hot
-    if tanh is not None:
-        z.mul_(tanh.square_().neg_().add_(1.0))  # d(softcap * tanh(z / softcap))/dz = 1 - tanh²
-    z.masked_fill_(~valid.unsqueeze(1), 0.0)
-    return torch.where(valid, lse - z_y, 0.0)
 
 
 # --- chunk loop -----------------------------------------------------------------------------------
@@ -167,20 +142,6 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None, None, None
 
 
-# --- reference ------------------------------------------------------------------------------------
-
-
-def linear_cross_entropy_reference(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None
-) -> torch.Tensor:
-    """Summed cross-entropy of the full logits (``[N, V]``, accumulation dtype), with autograd."""
-    acc = _utils.acc_dtype(hidden.dtype)
-    z = hidden.to(acc) @ weight.to(acc).T
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
-
-
 # --- public API -----------------------------------------------------------------------------------
 
 
@@ -258,7 +219,7 @@ def linear_cross_entropy(
     if impl == "triton":  # triton is imported only when its kernel runs
         from lsts.kernels.loss.triton import ce_chunk
     else:
-        ce_chunk = _ce_chunk_torch
+        from lsts.kernels.loss.cpu import ce_chunk
     return _LinearCrossEntropyFunction.apply(
         hidden2.contiguous(), weight, labels1.contiguous(), int(ignore_index), reduction == "mean", chunk_size,
         None if softcap is None else float(softcap), ce_chunk, grad_on and hidden.requires_grad,

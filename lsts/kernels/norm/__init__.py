@@ -29,29 +29,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lsts.kernels import _utils
 from lsts.kernels.backend import BACKENDS, resolve_backend
+from lsts.kernels.norm.cpu import rms_norm_torch
+from lsts.kernels.norm.reference import rms_norm_reference
 
 MAX_DIM = 65536  # one row per block: beyond this Triton's block would not fit in registers
 _SUPPORTED = ("triton", "torch", "reference")
-
-
-# --- PyTorch backends -----------------------------------------------------------------------------
-
-
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """PyTorch ops, differentiated by autograd; statistic in float32 (float64 for float64 input)."""
-    xa = x.to(_utils.acc_dtype(x.dtype))
-    rstd = torch.rsqrt(xa.square().mean(-1, keepdim=True) + eps)
-    return ((xa * rstd).to(x.dtype) * weight).to(x.dtype)
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The formula as written; with float64 input every step is float64."""
-    acc = _utils.acc_dtype(x.dtype)
-    xa = x.to(acc)
-    normed = xa / torch.sqrt((xa * xa).sum(-1, keepdim=True) / x.shape[-1] + eps)
-    return (normed.to(x.dtype).to(acc) * weight.to(acc)).to(x.dtype)
 
 
 # --- public API -----------------------------------------------------------------------------------

@@ -30,55 +30,11 @@ from __future__ import annotations
 import torch
 
 from lsts.kernels.backend import resolve_backend
+from lsts.kernels.rope.angles import rope_frequencies
+from lsts.kernels.rope.cpu import rope_torch
+from lsts.kernels.rope.reference import rope_reference
 
 _SUPPORTED = ("triton", "torch", "reference")
-
-
-def rope_frequencies(head_dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
-    """``inv_freq [head_dim / 2]`` (float32): ``base ** (-2i / head_dim)``, computed as transformers does."""
-    if head_dim < 2 or head_dim % 2:
-        raise ValueError(f"rope head_dim must be even and >= 2, got {head_dim}")
-    if not base > 0.0:
-        raise ValueError(f"rope base must be > 0, got {base}")
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / head_dim
-    return 1.0 / (base**exponents)
-
-
-def _angles(positions: torch.Tensor, head_dim: int, base: float, scaling_factor: float) -> torch.Tensor:
-    """``positions [...]`` -> angles ``[..., head_dim / 2]`` in float32, rounded as transformers rounds them."""
-    inv_freq = rope_frequencies(head_dim, base, positions.device) / scaling_factor
-    return positions.to(torch.float32)[..., None] * inv_freq
-
-
-# --- PyTorch backends -----------------------------------------------------------------------------
-
-
-def _per_token(t: torch.Tensor) -> torch.Tensor:
-    """``[S, F]`` or ``[B, S, F]`` -> broadcastable against ``[B, S, H, F]``."""
-    return t[:, None, :] if t.dim() == 2 else t[:, :, None, :]
-
-
-def rope_torch(
-    x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, scaling_factor: float = 1.0
-) -> torch.Tensor:
-    """PyTorch ops, differentiated by autograd; rotation in float32 (float64 for float64 input)."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    angles = _angles(positions, x.shape[-1], base, scaling_factor).to(acc)
-    cos, sin = _per_token(angles.cos()), _per_token(angles.sin())
-    x1, x2 = x.to(acc).chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-def rope_reference(
-    x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, scaling_factor: float = 1.0
-) -> torch.Tensor:
-    """The oracle, written another way: the pair ``(x_i, x_{i+D/2})`` is the complex number
-    ``x_i + j x_{i+D/2}``, multiplied by ``exp(j angle_i)``; complex128 for float64 input."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    angles = _per_token(_angles(positions, x.shape[-1], base, scaling_factor).to(acc))
-    x1, x2 = x.to(acc).chunk(2, dim=-1)
-    z = torch.complex(x1, x2) * torch.polar(torch.ones_like(angles), angles)
-    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
 # --- public API -----------------------------------------------------------------------------------
